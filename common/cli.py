@@ -1,0 +1,59 @@
+"""`medimaging` command line (also `python -m common`).
+
+Each subcommand lives in `common/commands/<name>.py` and defines `HELP`, `add_arguments(parser)`
+and `run(args) -> int`. Command modules import nothing heavy at module level: building the parser
+imports all of them, and `medimaging predict --onnx` must start fast and never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module under common.commands, in the order `--help` lists them.
+COMMANDS = {
+    "data": "data",
+    "train": "train",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "explain": "explain",
+    "export": "export",
+    "compress": "compress",
+    "reproduce": "reproduce",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medimaging",
+        description="Chest X-ray disease detection on NIH ChestX-ray14.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"common.commands.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"common.commands.{module_name}":
+                raise
+            continue  # a command this checkout does not have yet
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures. Real NIH images come from the sample-data folder, never from the repository.
+
+The folder is `$MEDIMAGING_SAMPLE_DATA`, else `../shared/data` beside the checkout. Tests that need
+it skip with a clear reason when it is absent, except under CI (CI=true), where that is a failure.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sample_root() -> Path:
+    env = os.environ.get("MEDIMAGING_SAMPLE_DATA")
+    return Path(env).resolve() if env else (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    """Root of the real NIH sample data (`nih-sample/`, `nih-64-cardiomegaly/`)."""
+    root = _sample_root()
+    if not (root / "nih-sample").is_dir():
+        msg = f"real NIH sample data not found at {root} (set MEDIMAGING_SAMPLE_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def nih_sample(sample_data: Path) -> Path:
+    return sample_data / "nih-sample"
+
+
+@pytest.fixture(scope="session")
+def cardiomegaly_64(sample_data: Path) -> Path:
+    return sample_data / "nih-64-cardiomegaly"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own image cache, so tests never touch a user's cache."""
+    cache = tmp_path_factory.getbasetemp() / "medimaging-cache"
+    monkeypatch.setenv("MEDIMAGING_CACHE", str(cache))
