@@ -1,0 +1,364 @@
+"""Decode once: a resized uint8 image cache on disk, a torch Dataset over it, batched augmentation.
+
+Decoding a 1024x1024 PNG costs ~10-15 ms per core; a training epoch must not pay it again. Each
+image is decoded once (`read_grayscale` → `resize_gray`) into a per-size store:
+
+    cache_root()/images-v1/<size>px/
+      pixels.u8      slot k holds one size x size uint8 image at byte offset k * size * size
+      index.sqlite   path → (mtime_ns, file size, slot, ok, reason): what each slot holds
+      lock           serialises writers (DDP ranks, parallel runs)
+      views/         aligned copies for path lists whose slots are not one contiguous run
+
+An entry is valid while the file's mtime and size are unchanged; a changed file is re-decoded into
+its own slot, nothing else. New pixels are flushed to disk before the index rows that point to them
+are committed, in batches, so an interrupted build keeps what it finished and never leaves an index
+row pointing at unwritten pixels. Unreadable files are remembered with their reason until they change.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common.images import read_resized
+
+STORE_VERSION = "images-v1"
+_MAX_VIEWS = 8  # aligned view files kept per size; older ones are deleted
+_COMMIT_EVERY_S = 5.0  # commit finished entries at least this often during a long build
+_IN_PROCESS_BELOW = 16  # fewer files than this are decoded without starting a process pool
+
+
+def cache_root() -> Path:
+    """The cache folder: $MEDIMAGING_CACHE, else ~/.cache/medimaging."""
+    env = os.environ.get("MEDIMAGING_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medimaging"
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class CachedImages:
+    """Images aligned with the requested paths: `images[i]` is paths[i] at size x size (zeros if not ok)."""
+
+    images: np.ndarray  # (N, size, size) uint8, a read-only np.memmap for N > 0
+    ok: np.ndarray  # (N,) bool: decoded fine
+    unreadable: list[tuple[str, str]]  # (path, reason) for each path that is not ok
+    paths: list[str] = field(repr=False, default_factory=list)
+    size: int = 0
+    decoded: int = 0  # how many files this call decoded (0 when everything came from the cache)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class ImageCache:
+    """A decode-once store of `size` x `size` grayscale images, shared by all runs on this machine."""
+
+    def __init__(self, size: int, root: str | Path | None = None):
+        if int(size) <= 0:
+            raise ValueError(f"cache image size must be positive, got {size}")
+        self.size = int(size)
+        self.dir = Path(root) if root is not None else cache_root() / STORE_VERSION / f"{self.size}px"
+        self.pixels_path = self.dir / "pixels.u8"
+        self.index_path = self.dir / "index.sqlite"
+        self.lock_path = self.dir / "lock"
+        self.views_dir = self.dir / "views"
+        self._item = self.size * self.size
+
+    # ------------------------------------------------------------------------------- index
+    def _connect(self) -> sqlite3.Connection:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.index_path, timeout=120)
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS entries (path TEXT PRIMARY KEY, mtime_ns INTEGER, fsize INTEGER, "
+            "slot INTEGER, ok INTEGER, reason TEXT)"
+        )
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        con.commit()
+        return con
+
+    def _entries(self, con: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple]:
+        rows: dict[str, tuple] = {}
+        wanted = set(paths)
+        if len(wanted) > 5000:  # one scan beats thousands of lookups
+            for r in con.execute("SELECT path, mtime_ns, fsize, slot, ok, reason FROM entries"):
+                if r[0] in wanted:
+                    rows[r[0]] = r[1:]
+            return rows
+        unique = list(wanted)
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            q = f"SELECT path, mtime_ns, fsize, slot, ok, reason FROM entries WHERE path IN ({','.join('?' * len(chunk))})"
+            for r in con.execute(q, chunk):
+                rows[r[0]] = r[1:]
+        return rows
+
+    # -------------------------------------------------------------------------------- load
+    def load(self, paths: Sequence[str | os.PathLike], workers: int | None = None,
+             progress: bool = True) -> CachedImages:
+        """Images for `paths` (decoding only new or changed files, in parallel), aligned with `paths`."""
+        paths = [os.path.abspath(os.fspath(p)) for p in paths]
+        stats = {p: _stat(p) for p in dict.fromkeys(paths)}
+        con = self._connect()
+        try:
+            entries = self._entries(con, list(stats))
+            todo = [p for p, st in stats.items() if st is not None and not _valid(entries.get(p), st)]
+            decoded = 0
+            if todo:
+                with _file_lock(self.lock_path):
+                    # another process may have decoded them while we waited for the lock
+                    entries.update(self._entries(con, todo))
+                    todo = [p for p in todo if not _valid(entries.get(p), stats[p])]
+                    if todo:
+                        decoded = self._decode(con, todo, stats, entries, workers, progress)
+        finally:
+            con.close()
+        slots = np.full(len(paths), -1, dtype=np.int64)
+        ok = np.zeros(len(paths), dtype=bool)
+        unreadable: list[tuple[str, str]] = []
+        for i, p in enumerate(paths):
+            e = entries.get(p) if stats[p] is not None else None
+            if e is None:
+                unreadable.append((p, "file not found"))
+                continue
+            slots[i] = e[2]
+            ok[i] = bool(e[3])
+            if not ok[i]:
+                unreadable.append((p, e[4] or "unreadable"))
+        images = self._aligned(slots, [entries.get(p) for p in paths])
+        return CachedImages(images=images, ok=ok, unreadable=unreadable, paths=paths, size=self.size,
+                            decoded=decoded)
+
+    def _decode(self, con, todo, stats, entries, workers, progress) -> int:
+        """Decode `todo` into slots (a changed file keeps its slot) and commit their index rows."""
+        cur = con.execute("SELECT value FROM meta WHERE key='next_slot'").fetchone()
+        next_slot = int(cur[0]) if cur else 0
+        slot_of = {}
+        for p in todo:
+            old = entries.get(p)
+            if old is not None:
+                slot_of[p] = int(old[2])
+            else:
+                slot_of[p] = next_slot
+                next_slot += 1
+        # reserve the new slots first: if we die half-way they are wasted, never double-booked
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('next_slot', ?)", (next_slot,))
+        con.commit()
+        need = next_slot * self._item
+        with open(self.pixels_path, "a+b") as f:
+            if os.fstat(f.fileno()).st_size < need:
+                f.truncate(need)  # zero-filled (sparse) growth
+        mm = np.memmap(self.pixels_path, dtype=np.uint8, mode="r+", shape=(next_slot, self.size, self.size))
+        workers = default_workers() if workers is None else max(1, int(workers))
+        pending: list[tuple] = []
+        last_commit = time.monotonic()
+
+        def commit():
+            nonlocal last_commit
+            if not pending:
+                return
+            mm.flush()  # pixels reach the file before the rows that point to them
+            con.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)", pending)
+            con.commit()
+            for row in pending:
+                entries[row[0]] = row[1:]
+            pending.clear()
+            last_commit = time.monotonic()
+
+        bar = tqdm(total=len(todo), desc=f"caching images at {self.size}px", unit="img",
+                   disable=not progress, leave=False)
+        executor = None
+        try:
+            if workers == 1 or len(todo) < _IN_PROCESS_BELOW:
+                results = map(read_resized, todo, repeat(self.size))
+            else:
+                import multiprocessing
+
+                # fork where available: spawn/forkserver re-import the caller's __main__ in every
+                # worker, which re-runs an unguarded trainer script; the workers only touch Pillow
+                # and numpy, so the parent's threads (torch, tqdm) are not a fork hazard for them
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                executor = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                               mp_context=multiprocessing.get_context(method))
+                chunk = max(1, min(64, len(todo) // (workers * 8)))
+                results = executor.map(read_resized, todo, repeat(self.size), chunksize=chunk)
+            for p, (pixels, reason) in zip(todo, results):
+                slot = slot_of[p]
+                if pixels is not None:
+                    mm[slot] = np.frombuffer(pixels, dtype=np.uint8).reshape(self.size, self.size)
+                else:
+                    mm[slot] = 0
+                mtime, fsize = stats[p]
+                pending.append((p, mtime, fsize, slot, int(pixels is not None), reason))
+                bar.update(1)
+                if len(pending) >= 256 and time.monotonic() - last_commit > _COMMIT_EVERY_S:
+                    commit()
+            commit()
+        finally:
+            bar.close()
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+            try:
+                commit()  # keep whatever finished before an interruption
+            finally:
+                del mm
+        return len(todo)
+
+    # ------------------------------------------------------------------------------ aligned
+    def _aligned(self, slots: np.ndarray, entries: list) -> np.ndarray:
+        n, s = len(slots), self.size
+        if n == 0:
+            return np.zeros((0, s, s), dtype=np.uint8)
+        first = int(slots[0])
+        if first >= 0 and np.array_equal(slots, np.arange(first, first + n)):
+            # the common case (a dataset cached in its own order): a zero-copy window on the store
+            return np.memmap(self.pixels_path, dtype=np.uint8, mode="r", offset=first * self._item, shape=(n, s, s))
+        key = hashlib.sha1()
+        key.update(slots.tobytes())
+        key.update(repr([(e[0], e[1]) if e is not None else None for e in entries]).encode())
+        view = self.views_dir / f"{key.hexdigest()[:24]}.u8"
+        if view.is_file() and view.stat().st_size == n * self._item:
+            os.utime(view)
+            return np.memmap(view, dtype=np.uint8, mode="r", shape=(n, s, s))
+        self.views_dir.mkdir(parents=True, exist_ok=True)
+        total = max(int(slots.max()) + 1, 1)
+        src = np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=(total, s, s)) if slots.max() >= 0 else None
+        fd, tmp = tempfile.mkstemp(prefix=".view.", suffix=".tmp", dir=self.views_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                zero = np.zeros((s, s), dtype=np.uint8)
+                step = max(1, (64 << 20) // self._item)  # gather in ~64 MB chunks
+                for i in range(0, n, step):
+                    part = slots[i:i + step]
+                    block = np.empty((len(part), s, s), dtype=np.uint8)
+                    good = part >= 0
+                    if good.any():
+                        block[good] = src[part[good]]
+                    block[~good] = zero
+                    f.write(block.tobytes())
+            os.replace(tmp, view)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._prune_views(keep=view)
+        return np.memmap(view, dtype=np.uint8, mode="r", shape=(n, s, s))
+
+    def _prune_views(self, keep: Path) -> None:
+        views = sorted(self.views_dir.glob("*.u8"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [v for v in views if v != keep][_MAX_VIEWS - 1:]:
+            old.unlink(missing_ok=True)
+
+
+def _valid(entry: tuple | None, st: tuple[int, int]) -> bool:
+    return entry is not None and entry[0] == st[0] and entry[1] == st[1]
+
+
+# ------------------------------------------------------------------------------------ torch side
+class XrayTensorDataset(torch.utils.data.Dataset):
+    """Item i → (uint8 tensor [1, S, S], float32 tensor [L] with NaN for unlabelled).
+
+    `images` (N, S, S) uint8 (e.g. `CachedImages.images`) and `labels` (N, L) are aligned; the
+    optional `indices` selects the rows this dataset exposes (a split) without copying the images.
+    """
+
+    def __init__(self, images: np.ndarray, labels, indices: Sequence[int] | None = None):
+        labels = np.asarray(labels, dtype=np.float32)
+        if labels.ndim == 1:
+            labels = labels[:, None]
+        if len(images) != len(labels):
+            raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must have the same length")
+        self.images = images
+        self.labels = labels
+        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        x = torch.from_numpy(np.array(self.images[j], dtype=np.uint8, copy=True))[None]
+        return x, torch.from_numpy(self.labels[j].copy())
+
+    def __getitems__(self, idx: Sequence[int]):
+        # one fancy-indexed read per batch instead of one per item (DataLoader uses it when present)
+        rows = self.indices[np.asarray(idx, dtype=np.int64)]
+        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on the memmap
+        block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+        block[order] = self.images[rows[order]]
+        x = torch.from_numpy(block)[:, None]
+        y = torch.from_numpy(self.labels[rows])
+        return [(x[k], y[k]) for k in range(len(rows))]
+
+
+def random_affine_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    degrees: float = 20.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    translate: float = 0.05,
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """Random rotation (±degrees), zoom and shift of each image of a float [B, C, H, W] batch.
+
+    One affine_grid + grid_sample for the whole batch; the same generator state gives the same
+    output. Apply it to images scaled to [0, 1] before normalisation: uncovered corners get
+    `fill` (0 = black, as the original study's torchvision rotation did).
+    """
+    if x.ndim != 4 or not torch.is_floating_point(x):
+        raise TypeError(f"random_affine_batch needs a float [B, C, H, W] tensor, got {tuple(x.shape)} {x.dtype}")
+    b, _, h, w = x.shape
+    if b == 0:
+        return x
+    dev = generator.device
+    u = torch.rand(b, 4, generator=generator, device=dev, dtype=torch.float32).to(x.device)
+    angle = torch.deg2rad((u[:, 0] * 2 - 1) * degrees)
+    zoom = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    tx = (u[:, 2] * 2 - 1) * translate * 2  # fraction of the width → normalised [-1, 1] units
+    ty = (u[:, 3] * 2 - 1) * translate * 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([
+        torch.stack([cos, -sin * h / w, tx], dim=1),  # h/w, w/h: rotate in pixels, not in [-1, 1]^2
+        torch.stack([sin * w / h, cos, ty], dim=1),
+    ], dim=1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x - fill if fill else x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + fill if fill else out
