@@ -459,3 +459,34 @@ def load_labels(path: str | Path) -> pd.DataFrame:
     out = table.set_index("image_id")[list(LABELS)]
     out.index.name = "image_id"
     return out
+
+
+def _resolve_data_dir(d: str | Path) -> Path:
+    """A relative folder is looked up in the working directory, then at the repository root."""
+    p = Path(d).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    repo = Path(__file__).resolve().parents[1]
+    return (repo / p).resolve() if (repo / p).exists() else p.resolve()
+
+
+def _has_data(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    return any(not e.name.startswith(".") and e.name.lower() != "readme.md" for e in os.scandir(folder))
+
+
+def default_data_dirs(full_dir: str | Path = "dataset_full",
+                      cardio_dir: str | Path = "dataset_cardiomegaly") -> tuple[list[Path], bool]:
+    """The dataset folders to use: the non-empty ones of (full_dir, cardio_dir), `is_synthetic`=False;
+    when both are empty or missing, the synthetic default ([nih, cardiomegaly] under
+    cache_root()/synthetic-v1, generated once and reused), `is_synthetic`=True.
+    """
+    found = [p for p in (_resolve_data_dir(full_dir), _resolve_data_dir(cardio_dir)) if _has_data(p)]
+    if found:
+        return found, False
+    from common.synthetic import ensure_default
+
+    print("dataset_full/ and dataset_cardiomegaly/ are empty: using the SYNTHETIC default dataset "
+          "(see dataset_full/README.md to use real NIH data)", file=sys.stderr)
+    return ensure_default(), True
