@@ -1,0 +1,109 @@
+"""`TrainConfig`: every training knob, one named field each (re-exported as `common.train.TrainConfig`).
+
+Kept apart from the loop so that `medimaging --help` and the trainer files can read the defaults
+without importing torch. Defaults are the original study's where that makes sense (see
+SEED-NOTES.md); where the study's choice is a known weakness (Adam without a schedule, an image
+split instead of a patient split) the default is the field's usual practice and the comment says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.labels import TASKS
+
+HEADS = ("mlp", "linear")
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration of one training run (saved as config.json["train"] and in last.pt)."""
+
+    # --- data ---
+    data: list[str] = field(default_factory=list)  # dataset folders, any layout common.data reads; empty: dataset_full/ + dataset_cardiomegaly/, else the synthetic default
+    task: str = "all14"  # 'cardiomegaly' = stage 1 (one output), 'all14' = stage 2 (14 outputs, NaN-masked)
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train/dev/test by patient (the study split images 6/7 : 1/7, leaking patients)
+    # --- model ---
+    model_name: str = "tf_efficientnet_b4.ns_jft_in1k"  # any timm.list_models() name; the study's B4 Noisy Student
+    head: str = "mlp"  # 'mlp' = the study's 2-hidden-layer head, 'linear' = one Linear layer
+    head_dropout: float = 0.3  # dropout inside the MLP head (the study's 0.3)
+    pretrained: bool | str = False  # True: timm hub weights (needs internet); a path/URL: local weights; False: random init (far below published results)
+    init_from: str | None = None  # run dir or checkpoint whose backbone starts this run (stage 1 -> stage 2, "medical pretraining"); head is new
+    freeze: int = 0  # freeze the first K backbone stages/blocks (0 none, -1 whole backbone: head only)
+    in_chans: int = 3  # 3 = grey repeated to RGB as the study did; 1 = one-channel stem
+    image_size: int = 224  # square input side in pixels (the study's 224)
+    # --- optimisation ---
+    epochs: int = 5  # passes over the train split (the study's 5)
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke runs); None: no limit, 0: evaluate the initial weights only
+    batch_size: int = 16  # images per micro-batch per process (the study's 16)
+    grad_accum: int = 1  # micro-batches per optimiser step: effective batch = batch_size * grad_accum * processes
+    lr: float = 5e-4  # peak AdamW learning rate (the study's 5e-4, with Adam and no schedule)
+    min_lr_ratio: float = 0.01  # cosine decay ends at lr * this
+    weight_decay: float = 0.01  # AdamW decoupled weight decay on weight matrices/kernels (not biases or norms)
+    warmup_steps: int = 100  # linear warmup in optimiser steps; capped at 20% of the run so short runs still reach the peak lr
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off, as in the study)
+    pos_weight: bool = False  # weight positives by neg/pos train prevalence per label (helps rare findings' recall)
+    augment: bool = True  # random affine on train batches (the study rotated by up to 20 degrees)
+    rotate_degrees: float = 20.0  # max rotation of the augmentation, degrees (the study's 20)
+    patience: int = 3  # stop after this many epochs without a better dev score (0: never stop early)
+    # --- evaluation ---
+    eval_batch_size: int = 64  # images per batch when predicting dev/test (no gradients, so larger)
+    n_boot: int = 1000  # bootstrap resamples for the test AUROC 95% intervals
+    # --- system ---
+    seed: int = 49  # split, init, data order and augmentation (the study's split seed 49)
+    num_workers: int = 2  # DataLoader workers; uint8 batches from the memory-mapped cache are cheap (the study used 1)
+    device: str = "auto"  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, where it is slower)
+    channels_last: bool = True  # channels_last memory format on CUDA (faster convolutions)
+    checkpoint_every: int = 500  # also write checkpoints/last.pt every N optimiser steps (0: end of each epoch only)
+    progress: bool = True  # tqdm progress bars (rank 0 only)
+    out: str = ""  # the run directory (required); rerunning with the same out resumes from checkpoints/last.pt
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a plain dict (e.g. config.json["train"]); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(names)}")
+        d = dict(d)
+        if "data" in d:
+            d["data"] = [str(p) for p in (d["data"] or [])]
+        if "split_fractions" in d:
+            d["split_fractions"] = tuple(float(f) for f in d["split_fractions"])
+        return cls(**d)
+
+    def asdict(self) -> dict[str, Any]:
+        """A JSON-able dict; `TrainConfig.from_dict(c.asdict()) == c`."""
+        d = dataclasses.asdict(self)
+        d["data"] = [str(p) for p in self.data]
+        d["pretrained"] = str(self.pretrained) if not isinstance(self.pretrained, bool) else self.pretrained
+        return d
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first bad field; return self."""
+        problems = []
+        if not self.out:
+            problems.append("out: the run directory is required (e.g. out='runs/stage1')")
+        if self.task not in TASKS:
+            problems.append(f"task={self.task!r}: expected one of {sorted(TASKS)}")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r}: expected one of {list(HEADS)}")
+        for name in ("epochs", "batch_size", "grad_accum", "image_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("warmup_steps", "patience", "num_workers", "checkpoint_every", "n_boot"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.max_steps is not None and self.max_steps < 0:
+            problems.append(f"max_steps={self.max_steps}: must be >= 0 (or None for no limit)")
+        if self.in_chans not in (1, 3):
+            problems.append(f"in_chans={self.in_chans}: expected 1 or 3")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr}: must be > 0")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
+            problems.append(f"split_fractions={self.split_fractions}: expected three non-negative numbers summing to 1")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
+        return self
