@@ -191,7 +191,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> R
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
-    model = build_model(**cfg["model"], pretrained=False)
+    model = build_model(**cfg["model"], pretrained=None)  # None: no random-init warning, weights load next
     if which == "best" and (run_dir / BEST).is_file():
         state = load_weights(run_dir / BEST)
     elif (run_dir / LAST).is_file():
