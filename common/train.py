@@ -56,7 +56,7 @@ from common.train_config import TrainConfig
 
 __all__ = [
     "TrainConfig", "fit", "prepare_data", "PreparedData", "select_task", "masked_bce",
-    "WarmupCosine", "BatchTransform", "ResumableSampler", "model_kwargs",
+    "WarmupCosine", "BatchTransform", "ResumableSampler", "model_kwargs", "FitHooks",
 ]
 
 UNREADABLE_CSV = "unreadable.csv"
@@ -417,22 +417,41 @@ def _dev_scores(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
 # fit
 
 
-def fit(config: TrainConfig | dict) -> Path:
+@dataclass
+class FitHooks:
+    """Extension points for methods built on `fit` (common.compress: pruning, distillation).
+
+    Not saved with the run: a resumed run must be given the same hooks again.
+    """
+
+    # (model, log) -> dict | None, called once the model is built (after init_from, before freeze),
+    # before it moves to the device and before a resumed checkpoint loads into it: load weights,
+    # register gradient hooks. A returned dict becomes config.json["init"] on a fresh start.
+    on_model: Callable[[torch.nn.Module, Callable[[str], None]], dict | None] | None = None
+    # (masked_bce_loss, logits, targets, inputs) -> the loss to minimise, per training micro-batch
+    # (inputs: the normalised, augmented batch the model saw). Dev/test scoring is unchanged.
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def fit(config: TrainConfig | dict, hooks: FitHooks | None = None) -> Path:
     """Train per `config`; return the complete run directory (see `common.runs`).
 
     Resumes from `out/checkpoints/last.pt` when present; returns at once when that run finished.
     Under torchrun (WORLD_SIZE > 1) joins the process group and trains with DDP.
+    `hooks`: see `FitHooks` (used by pruning and distillation; None for a plain run).
     """
     cfg = (config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)).validate()
     info, device = distributed.setup(cfg.device)
     try:
-        return _fit(cfg, info, device)
+        return _fit(cfg, info, device, hooks or FitHooks())
     finally:
         distributed.cleanup(info)
 
 
-def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
+def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks | None = None) -> Path:
     from common.models import build_model, freeze, init_from
+
+    hooks = hooks or FitHooks()
 
     out = Path(cfg.out)
     log = RunLog(out / runs.LOG, enabled=info.is_main)
@@ -488,7 +507,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
             init_info = {"source": str(cfg.init_from), **{k: list(res[k]) for k in ("kept", "dropped", "new")}}
             log(f"init_from {cfg.init_from}: kept {len(res['kept'])} keys, dropped {len(res['dropped'])}"
                 f" ({_summarise(res['dropped'])}), new {len(res['new'])} ({_summarise(res['new'])})")
-    if ckpt is None and cfg.init_from is None and not cfg.pretrained:
+    if hooks.on_model is not None:
+        hooked = hooks.on_model(model, log)
+        if ckpt is None and hooked is not None:
+            init_info = hooked
+    if ckpt is None and cfg.init_from is None and not cfg.pretrained and hooks.on_model is None:
         log("random initialisation (no --pretrained, no --init-from): expect results far below published ones")
     frozen = freeze(model, cfg.freeze) if cfg.freeze else []
     if frozen:
@@ -652,6 +675,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device) -> Path:
                 with amp:
                     logits = model(inputs)
                 loss = masked_bce(logits, targets, pos_weight)
+                if hooks.loss is not None:
+                    loss = hooks.loss(loss, logits, targets, inputs)
                 (loss / group_size).backward()
             loss_acc += loss.detach()
             micro += 1
