@@ -27,13 +27,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.images import read_resized
+
+if TYPE_CHECKING:  # torch is imported lazily (see below)
+    import torch
 
 STORE_VERSION = "images-v1"
 _MAX_VIEWS = 8  # aligned view files kept per size; older ones are deleted
@@ -293,40 +295,60 @@ def _valid(entry: tuple | None, st: tuple[int, int]) -> bool:
 
 
 # ------------------------------------------------------------------------------------ torch side
-class XrayTensorDataset(torch.utils.data.Dataset):
-    """Item i → (uint8 tensor [1, S, S], float32 tensor [L] with NaN for unlabelled).
+# torch is imported on first use of these names, not with the module: the cache, `medimaging data`
+# and the synthetic generator (and their worker processes) never pay torch's import time.
+_LAZY: dict = {}
 
-    `images` (N, S, S) uint8 (e.g. `CachedImages.images`) and `labels` (N, L) are aligned; the
-    optional `indices` selects the rows this dataset exposes (a split) without copying the images.
-    """
 
-    def __init__(self, images: np.ndarray, labels, indices: Sequence[int] | None = None):
-        labels = np.asarray(labels, dtype=np.float32)
-        if labels.ndim == 1:
-            labels = labels[:, None]
-        if len(images) != len(labels):
-            raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must have the same length")
-        self.images = images
-        self.labels = labels
-        self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
+def __getattr__(name: str):
+    if name == "XrayTensorDataset":
+        if name not in _LAZY:
+            _LAZY[name] = _make_dataset_class()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __len__(self) -> int:
-        return len(self.indices)
 
-    def __getitem__(self, i: int):
-        j = int(self.indices[i])
-        x = torch.from_numpy(np.array(self.images[j], dtype=np.uint8, copy=True))[None]
-        return x, torch.from_numpy(self.labels[j].copy())
+def _make_dataset_class():
+    import torch
 
-    def __getitems__(self, idx: Sequence[int]):
-        # one fancy-indexed read per batch instead of one per item (DataLoader uses it when present)
-        rows = self.indices[np.asarray(idx, dtype=np.int64)]
-        order = np.argsort(rows, kind="stable")  # sorted reads are sequential on the memmap
-        block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-        block[order] = self.images[rows[order]]
-        x = torch.from_numpy(block)[:, None]
-        y = torch.from_numpy(self.labels[rows])
-        return [(x[k], y[k]) for k in range(len(rows))]
+    class XrayTensorDataset(torch.utils.data.Dataset):
+        """Item i → (uint8 tensor [1, S, S], float32 tensor [L] with NaN for unlabelled).
+
+        `images` (N, S, S) uint8 (e.g. `CachedImages.images`) and `labels` (N, L) are aligned; the
+        optional `indices` selects the rows this dataset exposes (a split) without copying the images.
+        """
+
+        def __init__(self, images: np.ndarray, labels, indices: Sequence[int] | None = None):
+            labels = np.asarray(labels, dtype=np.float32)
+            if labels.ndim == 1:
+                labels = labels[:, None]
+            if len(images) != len(labels):
+                raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must have the same length")
+            self.images = images
+            self.labels = labels
+            self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+        def __getitem__(self, i: int):
+            j = int(self.indices[i])
+            x = torch.from_numpy(np.array(self.images[j], dtype=np.uint8, copy=True))[None]
+            return x, torch.from_numpy(self.labels[j].copy())
+
+        def __getitems__(self, idx: Sequence[int]):
+            # one fancy-indexed read per batch instead of one per item (DataLoader uses it when present)
+            rows = self.indices[np.asarray(idx, dtype=np.int64)]
+            order = np.argsort(rows, kind="stable")  # sorted reads are sequential on the memmap
+            block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+            block[order] = self.images[rows[order]]
+            x = torch.from_numpy(block)[:, None]
+            y = torch.from_numpy(self.labels[rows])
+            return [(x[k], y[k]) for k in range(len(rows))]
+
+    XrayTensorDataset.__module__ = __name__  # picklable as common.cache.XrayTensorDataset
+    XrayTensorDataset.__qualname__ = "XrayTensorDataset"
+    return XrayTensorDataset
 
 
 def random_affine_batch(
@@ -343,6 +365,9 @@ def random_affine_batch(
     output. Apply it to images scaled to [0, 1] before normalisation: uncovered corners get
     `fill` (0 = black, as the original study's torchvision rotation did).
     """
+    import torch
+    import torch.nn.functional as F
+
     if x.ndim != 4 or not torch.is_floating_point(x):
         raise TypeError(f"random_affine_batch needs a float [B, C, H, W] tensor, got {tuple(x.shape)} {x.dtype}")
     b, _, h, w = x.shape
