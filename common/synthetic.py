@@ -54,8 +54,8 @@ NIH_COLUMNS = (
 # Relative weights of each finding, and pairs that co-occur more often (as in NIH's statistics).
 _WEIGHTS = {
     "Atelectasis": 1.3, "Cardiomegaly": 1.0, "Effusion": 1.3, "Infiltration": 1.6, "Mass": 0.9,
-    "Nodule": 1.0, "Pneumonia": 0.7, "Pneumothorax": 0.9, "Consolidation": 0.9, "Edema": 0.7,
-    "Emphysema": 0.8, "Fibrosis": 0.8, "Pleural_Thickening": 0.9, "Hernia": 0.55,
+    "Nodule": 1.0, "Pneumonia": 0.75, "Pneumothorax": 1.05, "Consolidation": 0.9, "Edema": 0.8,
+    "Emphysema": 0.8, "Fibrosis": 0.8, "Pleural_Thickening": 0.9, "Hernia": 0.8,
 }
 _PAIRS = [
     ("Effusion", "Atelectasis"), ("Effusion", "Cardiomegaly"), ("Edema", "Effusion"),
@@ -152,14 +152,16 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
     g = _grid(size)
     u, v = g.u, g.v
     f = findings
-    cx = anat.cx + rng.normal(0, 0.008)
+    # separate streams: a finding never shifts the anatomy or the noise of the same image seed
+    rng_base, rng_find, rng_acq = rng.spawn(3)
+    cx = anat.cx + rng_base.normal(0, 0.008)
     emph = "Emphysema" in f
     lung_scale = 1.1 if emph else 1.0
     hx, hy = anat.lung_hx * lung_scale, anat.lung_hy * lung_scale
-    dome = anat.dome + (0.06 if emph else 0.0) + rng.normal(0, 0.006)
+    dome = anat.dome + (0.06 if emph else 0.0) + rng_base.normal(0, 0.006)
     dome_curve = 0.07 if not emph else 0.025  # emphysema flattens the diaphragm
     # atelectasis: one side loses volume (its hemidiaphragm rises)
-    atel_side = int(rng.integers(2)) if "Atelectasis" in f else -1
+    atel_side = int(rng_find.integers(2)) if "Atelectasis" in f else -1
 
     # body (soft tissue), brightest in the middle where it is thickest
     body = _sigmoid((anat.body_w - np.abs(u - cx) * (1.0 + 0.25 * np.clip(0.25 - v, 0, None) * 8)) / 0.012)
@@ -186,9 +188,9 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
         hil_x, hil_y = lung_side[side] - (-1 if side == 0 else 1) * 0.07, anat.lung_cy + 0.05
         rad = np.sqrt((u - hil_x) ** 2 + (v - hil_y) ** 2)
         markings += lungs[side] * np.exp(-rad / 0.12)
-    tex = _smooth_noise(rng, size, 40) * 0.6 + _smooth_noise(rng, size, 80) * 0.4
+    tex = _smooth_noise(rng_base, size, 40) * 0.6 + _smooth_noise(rng_base, size, 80) * 0.4
     vessel = np.clip(tex, 0, None) ** 1.5
-    lucency = 0.36 + (0.1 if emph else 0.0) + rng.normal(0, 0.015)
+    lucency = 0.36 + (0.1 if emph else 0.0) + rng_base.normal(0, 0.015)
     mark_amp = 0.07 * (0.4 if emph else 1.0)
     img = img - lung * lucency + lung * markings * vessel * mark_amp + lung * 0.04 * tex
 
@@ -208,7 +210,7 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
     img += spine
 
     # heart: a soft-tissue silhouette shifted to the patient's left (image right)
-    heart_w = anat.heart_w * (1.5 if "Cardiomegaly" in f else 1.0) * rng.uniform(0.96, 1.04)
+    heart_w = anat.heart_w * (1.5 if "Cardiomegaly" in f else 1.0) * rng_base.uniform(0.96, 1.04)
     heart_h = 0.11 * (1.12 if "Cardiomegaly" in f else 1.0)
     heart = _ellipse(g, cx + 0.035, anat.heart_cy + (0.01 if "Cardiomegaly" in f else 0.0), heart_w, heart_h, edge=0.008)
     heart *= _sigmoid((anat.dome + 0.03 - v) / 0.01)  # the anatomical dome: emphysema must not widen it
@@ -221,24 +223,24 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
         img = img + mask * strength * (tissue - img)
 
     # ------------------------------------------------------------------------- findings
-    sides = [int(rng.integers(2)) for _ in range(8)]  # which lung each finding prefers
+    sides = [int(rng_find.integers(2)) for _ in range(8)]  # which lung each finding prefers
     if "Effusion" in f:
-        for side in ({sides[0]} if rng.random() < 0.6 else {0, 1}):
+        for side in ({sides[0]} if rng_find.random() < 0.6 else {0, 1}):
             sgn = -1.0 if side == 0 else 1.0
             lat = (u - lung_side[side]) * sgn / hx
-            level = dome - rng.uniform(0.10, 0.16) - 0.08 * np.clip(lat, 0, 1)  # meniscus rises laterally
+            level = dome - rng_find.uniform(0.10, 0.16) - 0.08 * np.clip(lat, 0, 1)  # meniscus rises laterally
             fluid = lungs[side] * _sigmoid((v - level) / 0.012)
             opacify(fluid, 0.9)
     if "Nodule" in f:
-        for _ in range(int(rng.integers(2, 5))):
-            side = int(rng.integers(2))
-            nx = lung_side[side] + rng.uniform(-0.6, 0.6) * hx
-            ny = anat.lung_cy + rng.uniform(-0.6, 0.35) * hy
-            _blob(img, g, nx, ny, rng.uniform(0.011, 0.017), 0.28)
+        for _ in range(int(rng_find.integers(2, 5))):
+            side = int(rng_find.integers(2))
+            nx = lung_side[side] + rng_find.uniform(-0.6, 0.6) * hx
+            ny = anat.lung_cy + rng_find.uniform(-0.6, 0.35) * hy
+            _blob(img, g, nx, ny, rng_find.uniform(0.011, 0.017), 0.28)
     if "Mass" in f:
         side = sides[1]
-        _blob(img, g, lung_side[side] + rng.uniform(-0.4, 0.4) * hx,
-              anat.lung_cy + rng.uniform(-0.5, 0.2) * hy, rng.uniform(0.045, 0.065), 0.30, sharp=4.0)
+        _blob(img, g, lung_side[side] + rng_find.uniform(-0.4, 0.4) * hx,
+              anat.lung_cy + rng_find.uniform(-0.5, 0.2) * hy, rng_find.uniform(0.045, 0.065), 0.30, sharp=4.0)
     if "Pneumothorax" in f:
         side = sides[2]
         sgn = -1.0 if side == 0 else 1.0
@@ -250,26 +252,26 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
                                       hx * 0.72 - 0.006, (hy + 0.06) * 0.8 - 0.006, edge=0.003))
         img += line * lungs[side] * 0.12
     if "Hernia" in f:
-        bx, by, br = cx + rng.uniform(-0.01, 0.04), anat.heart_cy + rng.uniform(0.0, 0.03), rng.uniform(0.035, 0.05)
+        bx, by, br = cx + rng_find.uniform(-0.01, 0.04), anat.heart_cy + rng_find.uniform(0.0, 0.03), rng_find.uniform(0.035, 0.05)
         bubble = _ellipse(g, bx, by, br, br * 0.85, edge=0.004)
         gas = bubble * _sigmoid((by + br * 0.2 - v) / 0.003)  # air above the fluid level
         img -= gas * 0.28
         img += (bubble - _ellipse(g, bx, by, br - 0.006, br * 0.85 - 0.006, edge=0.003)) * 0.10
     if "Infiltration" in f:
-        patch = _smooth_noise(rng, size, 10)
-        zone = lung * np.exp(-((v - anat.lung_cy - rng.uniform(-0.03, 0.05)) / 0.12) ** 2)
+        patch = _smooth_noise(rng_find, size, 10)
+        zone = lung * np.exp(-((v - anat.lung_cy - rng_find.uniform(-0.03, 0.05)) / 0.12) ** 2)
         opacify(zone * _sigmoid((patch - 0.3) / 0.15), 0.55)
     if "Consolidation" in f:
         side = sides[3]
-        top = dome - rng.uniform(0.17, 0.22)
+        top = dome - rng_find.uniform(0.17, 0.22)
         region = lungs[side] * _sigmoid((v - top) / 0.008)  # sharp upper edge (a fissure)
-        bronch = (0.5 + 0.5 * np.cos(2 * math.pi * (u * 9 + v * 3 + rng.random()))) ** 12
+        bronch = (0.5 + 0.5 * np.cos(2 * math.pi * (u * 9 + v * 3 + rng_find.random()))) ** 12
         opacify(region * (1.0 - 0.6 * bronch), 0.85)
     if "Pneumonia" in f:
         side = sides[4]
-        for _ in range(int(rng.integers(3, 6))):
-            _blob(img, g, lung_side[side] + rng.uniform(-0.5, 0.5) * hx,
-                  anat.lung_cy + rng.uniform(-0.1, 0.5) * hy, rng.uniform(0.03, 0.045), 0.2, sharp=1.2)
+        for _ in range(int(rng_find.integers(3, 6))):
+            _blob(img, g, lung_side[side] + rng_find.uniform(-0.5, 0.5) * hx,
+                  anat.lung_cy + rng_find.uniform(-0.1, 0.5) * hy, rng_find.uniform(0.03, 0.045), 0.2, sharp=1.2)
     if "Edema" in f:
         for side in (0, 1):
             hil_x = lung_side[side] - (-1 if side == 0 else 1) * 0.06
@@ -283,17 +285,17 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
             img += lungs[side] * zone * kb * 0.12
     if "Atelectasis" in f:
         side = atel_side
-        by = dome - 0.07 - rng.uniform(0.08, 0.12)
-        band = _segment(g, lung_side[side] - 0.6 * hx, by, lung_side[side] + 0.6 * hx, by + rng.uniform(-0.02, 0.02), 0.010)
+        by = dome - 0.07 - rng_find.uniform(0.08, 0.12)
+        band = _segment(g, lung_side[side] - 0.6 * hx, by, lung_side[side] + 0.6 * hx, by + rng_find.uniform(-0.02, 0.02), 0.010)
         opacify(band * lungs[side], 0.9)
     if "Fibrosis" in f:
-        net = np.abs(np.sin(2 * math.pi * (u * 38 + 0.3 * _smooth_noise(rng, size, 16)))) < 0.22
-        net2 = np.abs(np.sin(2 * math.pi * (v * 38 + 0.3 * _smooth_noise(rng, size, 16)))) < 0.22
+        net = np.abs(np.sin(2 * math.pi * (u * 38 + 0.3 * _smooth_noise(rng_find, size, 16)))) < 0.22
+        net2 = np.abs(np.sin(2 * math.pi * (v * 38 + 0.3 * _smooth_noise(rng_find, size, 16)))) < 0.22
         reticular = (net | net2).astype(np.float32)
         zone = _sigmoid((anat.lung_cy - v + 0.05) / 0.05)  # upper zones
         img += lung * zone * reticular * 0.10
     if "Pleural_Thickening" in f:
-        for side in ({sides[5]} if rng.random() < 0.6 else {0, 1}):
+        for side in ({sides[5]} if rng_find.random() < 0.6 else {0, 1}):
             sgn = -1.0 if side == 0 else 1.0
             lcx = lung_side[side]
             inner = _ellipse(g, lcx - sgn * 0.012, anat.lung_cy + 0.07, hx - 0.014, hy + 0.045, edge=0.003)
@@ -302,9 +304,9 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
             opacify(np.maximum(band, cap), 0.9)
 
     # acquisition: exposure, contrast, smooth illumination and quantum noise
-    img = img * rng.uniform(0.9, 1.08) + rng.normal(0, 0.02)
-    img += 0.03 * _smooth_noise(rng, size, 4) + 0.018 * rng.standard_normal(img.shape, dtype=np.float32)
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.9, 1.1)
+    img = img * rng_acq.uniform(0.9, 1.08) + rng_acq.normal(0, 0.02)
+    img += 0.03 * _smooth_noise(rng_acq, size, 4) + 0.018 * rng_acq.standard_normal(img.shape, dtype=np.float32)
+    img = np.clip(img, 0.0, 1.0) ** rng_acq.uniform(0.9, 1.1)
     return (img * 255.0 + 0.5).astype(np.uint8)
 
 

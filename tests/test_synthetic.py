@@ -1,0 +1,120 @@
+"""common.synthetic: deterministic, in the real layouts, and every label changes the image."""
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import cli
+from common.data import load_dataset, patient_split
+from common.labels import LABELS
+from common.synthetic import _anatomy, _sample_findings, generate, render
+
+# Findings that add density (brighter) and those that add air (darker), on average.
+DARKER = {"Pneumothorax", "Emphysema", "Hernia"}
+
+
+def _same_tree(a: Path, b: Path) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    files = [p.relative_to(a) for p in a.rglob("*") if p.is_file()]
+    return (not cmp.left_only and not cmp.right_only and len(files) > 0
+            and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files))
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    a = generate(tmp_path / "a", "nih", n_images=70, image_size=64, seed=0, progress=False, workers=2)
+    b = generate(tmp_path / "b", "nih", n_images=70, image_size=64, seed=0, progress=False, workers=1)
+    c = generate(tmp_path / "c", "nih", n_images=70, image_size=64, seed=1, progress=False, workers=1)
+    assert _same_tree(a, b)
+    assert (a / "images" / "90000001_000.png").read_bytes() != (c / "images" / "90000001_000.png").read_bytes()
+
+
+def test_nih_layout_has_nih_columns_and_follow_ups(tmp_path, nih_sample):
+    out = generate(tmp_path / "nih", "nih", n_images=40, image_size=64, progress=False)
+    real_header = (nih_sample / "Data_Entry_2017_v2020.csv").open().readline()
+    assert (out / "Data_Entry_2017_v2020.csv").open().readline() == real_header
+    d = load_dataset(out)
+    f = d.frame
+    assert d.is_synthetic and d.layout == "nih" and len(f) == 40 and d.rows_without_image == 0
+    assert f["patient_id"].value_counts().max() > 1  # several follow-ups per patient
+    assert (f["patient_id"].astype(int) > 30_805).all()  # never a real NIH patient id
+    assert set(f["view"]) == {"PA", "AP"} and set(f["sex"]) == {"M", "F"} and f["age"].between(1, 100).all()
+    assert not f[list(LABELS)].isna().any().any()
+    split = patient_split(f, seed=0)
+    assert (f.groupby("patient_id").apply(lambda g: split[g.index].nunique(), include_groups=False) == 1).all()
+    img = np.asarray(__import__("PIL").Image.open(f["path"].iloc[0]))
+    assert img.shape == (64, 64) and img.dtype == np.uint8
+
+
+def test_cardiomegaly_layout(tmp_path):
+    out = generate(tmp_path / "c", "cardiomegaly", n_images=40, image_size=64, progress=False)
+    assert (out / "train").is_dir() and (out / "test").is_dir()
+    d = load_dataset(out)
+    f = d.frame
+    assert d.is_synthetic and d.layout == "cardiomegaly" and len(f) == 40
+    assert set(f["Cardiomegaly"].unique()) == {0.0, 1.0}
+    assert f[[c for c in LABELS if c != "Cardiomegaly"]].isna().all().all()
+    train, test = f[f["official_split"] == "trainval"], f[f["official_split"] == "test"]
+    assert len(test) > 0 and not set(train["patient_id"]) & set(test["patient_id"])
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_each_label_changes_the_image(label):
+    anat = _anatomy(np.random.default_rng(11))
+    normal = render(np.random.default_rng(5), anat, set(), 128).astype(int)
+    sick = render(np.random.default_rng(5), anat, {label}, 128).astype(int)
+    diff = sick - normal
+    changed = np.abs(diff) > 6
+    assert 0.001 < changed.mean() < 0.5, f"{label}: {changed.mean():.4f} of pixels changed"
+    assert np.abs(diff[:8, :8]).max() == 0  # outside the body nothing moves: the change is the finding
+    assert (np.sign(diff.sum()) < 0) == (label in DARKER), f"{label}: mean change {diff.mean():.2f}"
+
+
+def test_cardiomegaly_widens_the_heart():
+    widths = {}
+    for flag in (False, True):
+        anat = _anatomy(np.random.default_rng(3))
+        img = render(np.random.default_rng(9), anat, {"Cardiomegaly"} if flag else set(), 256).astype(float)
+        row = img[int(anat.heart_cy * 256)]  # a row through the heart: bright between the dark lungs
+        centre = int(anat.cx * 256)
+        bright = row > (row[centre] * 0.85)
+        left = right = centre
+        while left > 0 and bright[left - 1]:
+            left -= 1
+        while right < 255 and bright[right + 1]:
+            right += 1
+        widths[flag] = right - left
+    assert widths[True] > 1.25 * widths[False]
+
+
+def test_label_prevalence_and_co_occurrence():
+    rng = np.random.default_rng(0)
+    sets = [_sample_findings(rng) for _ in range(4000)]
+    y = np.array([[name in s for name in LABELS] for s in sets], dtype=float)
+    prevalence = y.mean(axis=0)
+    assert ((prevalence > 0.07) & (prevalence < 0.25)).all(), dict(zip(LABELS, prevalence.round(3)))
+    assert 0.2 < (y.sum(axis=1) == 0).mean() < 0.35  # a 'No Finding' share
+    assert (y.sum(axis=1) >= 2).mean() > 0.3  # co-occurrence
+    corr = np.corrcoef(y.T)
+    i, j = LABELS.index("Effusion"), LABELS.index("Atelectasis")
+    assert corr[i, j] > 0.05
+
+
+def test_generate_refuses_bad_arguments(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate(tmp_path / "full", progress=False)
+    with pytest.raises(ValueError, match="layout"):
+        generate(tmp_path / "new", layout="chexpert", progress=False)
+
+
+def test_cli_writes_a_synthetic_dataset(tmp_path, capsys):
+    assert cli.main(["data", "synthetic", str(tmp_path / "s"), "--n-images", "6", "--image-size", "48",
+                     "--layout", "cardiomegaly"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert len(load_dataset(tmp_path / "s")) == 6
+    assert cli.main(["data", "summary", str(tmp_path / "s"), "--size", "32"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
