@@ -147,6 +147,28 @@ def _hub_host(model_name: str) -> str | None:
     return None
 
 
+def _cached_hub_file(model_name: str) -> Path | None:
+    """Weights of `model_name` already downloaded (Hugging Face cache or torch hub cache), if any."""
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, tag = split_model_name_tag(model_name)
+    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        found = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if found.is_file():
+            return found
+    return None
+
+
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     """Can a TCP connection to host:port be opened? (Checked first so offline fails in ~0 s, not
     after huggingface_hub's minute of retries.)"""
@@ -197,8 +219,8 @@ def build_model(
 ) -> MedImagingModel:
     """Any `timm.list_models()` backbone with a `head` ("mlp" or "linear") of `num_labels` outputs.
 
-    pretrained: False (random init, warns), True (timm hub; offline -> a clear error naming the
-    local-file option), a local weights file or folder, or an http(s) URL; None = random init
+    pretrained: False (random init, warns), True (timm hub; offline -> the cached download if there
+    is one, else a clear error naming the local-file option), a local weights file or folder, or an http(s) URL; None = random init
     without the warning, for callers that load trained weights right after (e.g. a run).
     image_size is passed to timm for models that take `img_size` (ViTs) and ignored by the others.
     Extra keyword arguments go to `timm.create_model` (e.g. drop_rate, drop_path_rate).
@@ -221,7 +243,11 @@ def build_model(
                 f"(pretrained='/path/to/weights.safetensors', CLI --pretrained PATH) or pretrained=False."
             )
         if not _reachable(host):
-            raise _offline_error(model_name, f"{host} cannot be reached")
+            cached = _cached_hub_file(model_name)
+            if cached is None:
+                raise _offline_error(model_name, f"{host} cannot be reached and the weights are not in the local cache")
+            # offline but downloaded before: load the cached file like any local weights file
+            hub, pretrained = False, cached
     try:
         backbone, used_img_size = _create_backbone(model_name, hub, int(in_chans), image_size, timm_kwargs)
     except (OSError, RuntimeError) as err:
@@ -353,7 +379,7 @@ def load_backbone_state(model: MedImagingModel, state: dict, source: str = "stat
     a timm `checkpoint_filter_fn` (ViT pos-embed resampling, original-format conversions) it is
     tried too and used if it matches more. The head is never loaded. Returns {"kept", "dropped",
     "new"} with model-level names for kept/new and the source's names for dropped. Raises
-    ValueError when nothing matches (a different architecture).
+    ValueError when fewer than half of the backbone's parameters match (a different architecture).
     """
     backbone = model.backbone
     raw, not_backbone = _strip_prefixes(state)
@@ -369,12 +395,15 @@ def load_backbone_state(model: MedImagingModel, state: dict, source: str = "stat
             fit2, dropped2, notes2 = _match(backbone, filtered)
             if len(fit2) > len(fit):
                 fit, dropped, notes = fit2, dropped2, notes2
-    if not fit:
+    params = {name for name, _ in backbone.named_parameters()}
+    matched = len(params & set(fit))
+    # a buffer such as bn1.num_batches_tracked matches any architecture: judge by parameters
+    if matched * 2 < len(params):
         sample = ", ".join(list(raw)[:4])
         raise ValueError(
-            f"{source}: none of its {len(raw)} weights match the {model.model_name!r} backbone "
-            f"(first names: {sample or 'none'}). Is it a checkpoint of a different architecture? Build the "
-            f"model with the same model_name as the checkpoint."
+            f"{source}: matches only {matched} of the {len(params)} parameters of the {model.model_name!r} "
+            f"backbone by name and shape (its first names: {sample or 'none'}). Is it a checkpoint of a "
+            f"different architecture? Build the model with the checkpoint's model_name."
         )
     if notes:
         more = f" (+{len(notes) - 5} more)" if len(notes) > 5 else ""
@@ -440,7 +469,7 @@ def init_from(model: MedImagingModel, source: str | Path) -> dict:
         return load_backbone_state(model, load_weights(path), source=str(path))
     except ValueError as err:
         config = Path(source) / "config.json"
-        if Path(source).is_dir() and config.is_file() and "none of its" in str(err):
+        if Path(source).is_dir() and config.is_file() and "matches only" in str(err):
             from common.runs import load_json
 
             other = (load_json(config).get("model") or {}).get("model_name")

@@ -148,13 +148,38 @@ def test_unknown_model_name_is_a_clear_error():
         build_model("test_resnet", num_classes=3, pretrained=None)
 
 
-def test_offline_hub_weights_give_a_clear_error():
+def test_offline_hub_weights_give_a_clear_error(tmp_path, monkeypatch):
     # this machine really has no route to the hub: the error must say so and name the local option
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     with pytest.raises(PretrainedWeightsUnavailable) as info:
         build_model("test_efficientnet", pretrained=True)
     msg = str(info.value)
     assert "could not download" in msg and "pretrained='/path/to/weights.safetensors'" in msg
     assert "--pretrained" in msg
+
+
+def test_offline_hub_weights_come_from_the_local_cache(tmp_path, monkeypatch):
+    # weights downloaded earlier (Hugging Face cache layout) still load when the hub is unreachable
+    import huggingface_hub
+
+    source = timm.create_model("test_efficientnet", num_classes=0)
+    repo = tmp_path / "models--timm--test_efficientnet.r160_in1k"
+    runs.save_weights(source.state_dict(), repo / "snapshots" / "abc123" / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model = build_model("test_efficientnet", pretrained=True)
+    torch.testing.assert_close(model.backbone.conv_stem.weight, source.conv_stem.weight)
+    assert model.pretrained_report["source"].endswith("model.safetensors")
+
+
+def test_no_hub_weights_or_unreachable_url_are_clear_errors():
+    with pytest.raises(PretrainedWeightsUnavailable, match="timm has no pretrained weights for 'cspresnet50d'"):
+        build_model("cspresnet50d", pretrained=True)
+    with pytest.raises(PretrainedWeightsUnavailable, match="download failed.*--pretrained PATH"):
+        build_model("test_resnet", pretrained="https://weights.invalid/resnet.pth")
 
 
 def test_local_weights_file_and_folder_load_into_backbone(tmp_path):
