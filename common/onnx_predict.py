@@ -1,0 +1,209 @@
+"""Torch-free serving: an exported run (`medimaging export`) answered by ONNX Runtime.
+
+    from common.onnx_predict import OnnxPredictor
+    predictor = OnnxPredictor("runs/all14/export")       # or the run dir: its export/ is used
+    predictor.predict("image.png").positive
+    cam, prob = predictor.gradcam(gray_image, "Cardiomegaly")   # CNNs: Grad-CAM without torch
+
+Only numpy, Pillow and onnxruntime (plus `common.images` / `common.preprocess` / `common.predict`,
+which are torch-free). Nothing on this path may import torch, pandas or matplotlib: `medimaging
+predict --onnx` must start in well under a second and stay small in memory (the tests check
+`'torch' not in sys.modules` in a fresh process).
+
+Grad-CAM without torch: for a CNN whose head sits on globally average-pooled features, the
+exported graph also outputs the last feature map A [C, h, w]; the head (Linear / LeakyReLU / ReLU
+layers, weights in head.npz) is differentiated here in numpy, so d logit / d A = (d logit / d
+pooled) / (h * w) and the Grad-CAM is exact, not an approximation. Other models (ViTs, ConvNeXt's
+pooled LayerNorm, ...) say `cam_method == "torch"` and the caller uses `common.explain`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.predict import ONNX_META, Predictor
+
+FP32 = "model.onnx"
+INT8 = "model.int8.onnx"
+HEAD_NPZ = "head.npz"
+EXPORT_DIR = "export"  # a run's default export folder (RUN/export)
+
+
+class OnnxModelError(FileNotFoundError):
+    """The export folder is missing or incomplete; the message says which command makes it."""
+
+
+def resolve_export_dir(path: str | os.PathLike) -> Path:
+    """An export folder, or a run directory whose `export/` holds one."""
+    path = Path(path)
+    if (path / ONNX_META).is_file():
+        return path
+    if (path / EXPORT_DIR / ONNX_META).is_file():
+        return path / EXPORT_DIR
+    if (path / "config.json").is_file():
+        raise OnnxModelError(
+            f"{path}: this run has no ONNX export yet; make one with `medimaging export --run {path}` "
+            f"(writes {path / EXPORT_DIR}/model.onnx), or predict with torch (without --onnx)")
+    raise OnnxModelError(f"{path}: neither an ONNX export folder ({ONNX_META} + {FP32}) nor a run directory; "
+                         "make one with `medimaging train ...` then `medimaging export --run RUN`")
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime options for a small CPU (2 cores): all graph optimisations, one inter-op thread.
+
+    intra-op threads default to the CPU count (2 here): one image's convolutions are split across
+    the cores. Spinning is off: a waiting worker thread would otherwise burn a core that the
+    decode thread (or the app's web server) needs on a 2-core machine, for ~no latency gain.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
+    return so
+
+
+class OnnxPredictor(Predictor):
+    """An export folder (or a run dir with export/) served by ONNX Runtime: no torch."""
+
+    backend = "onnx"
+
+    def __init__(self, path: str | os.PathLike, int8: bool = False, threads: int | None = None,
+                 fast_jpeg: bool = True):
+        import onnxruntime as ort
+
+        self.source = resolve_export_dir(path)
+        meta_path = self.source / ONNX_META
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise OnnxModelError(f"{meta_path}: not valid JSON ({err}); re-run `medimaging export`") from None
+        for key in ("labels", "input", "thresholds", "outputs"):
+            if key not in meta:
+                raise OnnxModelError(f"{meta_path}: missing key {key!r}; re-run `medimaging export --run RUN`")
+        self.meta = meta
+        self.labels = list(meta["labels"])
+        self.thresholds = {k: float(meta["thresholds"].get(k, 0.5)) for k in self.labels}
+        self.input = dict(meta["input"])
+        self.synthetic = bool(meta.get("synthetic", False))
+        self.model_name = meta.get("model", {}).get("model_name", "?")
+        self.fast_jpeg = fast_jpeg
+        self.int8 = bool(int8)
+        model_file = self.source / (INT8 if int8 else FP32)
+        if not model_file.is_file():
+            hint = " --int8" if int8 else ""
+            raise OnnxModelError(f"{model_file}: not found; run `medimaging export --run RUN{hint}`"
+                                 + (f" (run: {meta.get('run_dir')})" if meta.get("run_dir") else ""))
+        self.model_file = model_file
+        self.session = ort.InferenceSession(str(model_file), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._head: _NumpyHead | None = None
+
+    # -- prediction
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        out = self.session.run([self.meta["outputs"]["logits"]], {self.input_name: np.ascontiguousarray(batch, np.float32)})
+        return out[0]
+
+    # -- Grad-CAM without torch
+    @property
+    def cam_method(self) -> str:
+        """'numpy' when this export supports torch-free Grad-CAM, else 'torch' (see common.explain)."""
+        cam = self.meta.get("cam") or {}
+        return "numpy" if cam.get("method") == "numpy" and "features" in self.output_names else "torch"
+
+    @property
+    def cam_note(self) -> str:
+        return (self.meta.get("cam") or {}).get("reason", "")
+
+    def _numpy_head(self) -> _NumpyHead:
+        if self._head is None:
+            self._head = _NumpyHead(self.meta["cam"]["layers"], self.source / self.meta["cam"].get("head", HEAD_NPZ))
+        return self._head
+
+    def gradcam(self, image, label: str) -> tuple[np.ndarray, float]:
+        """Grad-CAM [h, w] (ReLU'd, unnormalised) for `label` and its probability, without torch.
+
+        `image`: a path, bytes or array (decoded like `predict`). Exact for global-average-pooled
+        CNN heads; raises ValueError when `cam_method != "numpy"` (use common.explain then).
+        """
+        from common.predict import sigmoid
+
+        if self.cam_method != "numpy":
+            raise ValueError(f"{self.source}: this model ({self.model_name}) has no torch-free Grad-CAM "
+                             f"({self.cam_note or 'not exported'}); use common.explain (torch)")
+        if label not in self.labels:
+            raise ValueError(f"label {label!r} is not an output of this model; choose one of {self.labels}")
+        k = self.labels.index(label)
+        x = self.prepare(self.load(image))[None]
+        logits, feats = self.session.run([self.meta["outputs"]["logits"], "features"], {self.input_name: x})
+        cam, _ = cam_from_features(feats[0], self._numpy_head(), k)
+        return cam, float(sigmoid(logits[0, k]))
+
+
+class _NumpyHead:
+    """The classification head as numpy layers, with forward and the gradient of one logit."""
+
+    def __init__(self, layers: list[dict], weights: Path):
+        if not weights.is_file():
+            raise OnnxModelError(f"{weights}: head weights for Grad-CAM not found; re-run `medimaging export`")
+        with np.load(weights) as npz:
+            self.arrays = {k: npz[k].astype(np.float64) for k in npz.files}
+        self.layers = layers
+        for layer in layers:
+            if layer["op"] not in ("linear", "relu", "leaky_relu", "identity"):
+                raise OnnxModelError(f"{weights}: unsupported head layer {layer['op']!r}")
+
+    def forward(self, pooled: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """pooled [C] → (logits [L], the input of each layer)."""
+        z = np.asarray(pooled, dtype=np.float64)
+        inputs = []
+        for layer in self.layers:
+            inputs.append(z)
+            op = layer["op"]
+            if op == "linear":
+                z = self.arrays[layer["weight"]] @ z
+                if layer.get("bias"):
+                    z = z + self.arrays[layer["bias"]]
+            elif op == "relu":
+                z = np.maximum(z, 0.0)
+            elif op == "leaky_relu":
+                z = np.where(z > 0, z, z * float(layer["negative_slope"]))
+        return z, inputs
+
+    def grad(self, pooled: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+        """(d logit_k / d pooled [C], logit_k): backpropagation through the layers."""
+        logits, inputs = self.forward(pooled)
+        g = np.zeros_like(logits)
+        g[k] = 1.0
+        for layer, z in zip(reversed(self.layers), reversed(inputs)):
+            op = layer["op"]
+            if op == "linear":
+                g = self.arrays[layer["weight"]].T @ g
+            elif op == "relu":
+                g = g * (z > 0)
+            elif op == "leaky_relu":
+                g = g * np.where(z > 0, 1.0, float(layer["negative_slope"]))  # torch's rule at 0
+        return g, float(logits[k])
+
+
+def cam_from_features(features: np.ndarray, head: _NumpyHead, k: int) -> tuple[np.ndarray, float]:
+    """Grad-CAM of output k from a feature map [C, h, w] under global average pooling.
+
+    alpha_c = mean_ij d y / d A_cij = (d y / d pooled_c) / (h w);  cam = ReLU(sum_c alpha_c A_c).
+    Returns (cam [h, w] float32, logit_k).
+    """
+    a = np.asarray(features, dtype=np.float64)
+    c, h, w = a.shape
+    g, logit = head.grad(a.mean(axis=(1, 2)), k)
+    alpha = g / (h * w)
+    cam = np.maximum(np.tensordot(alpha, a, axes=(0, 0)), 0.0)
+    return cam.astype(np.float32), logit
