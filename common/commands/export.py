@@ -1,0 +1,47 @@
+"""`medimaging export`: a run → ONNX (+ int8) for torch-free serving.
+
+    medimaging export --run runs/all14                      # runs/all14/export/model.onnx + model.json
+    medimaging export --run runs/all14 --int8               # + model.int8.onnx, calibrated on dev images
+    medimaging export --run runs/all14 --int8 --calibration some/images/
+
+The fp32 model is checked against torch at export (logits within 1e-4); see common.export.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "export a run to ONNX (dynamic batch, preprocessing + labels + thresholds beside it); --int8 quantises"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="RUN", help="the run directory to export")
+    p.add_argument("--out", default=None, metavar="DIR", help="export folder (default: RUN/export)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx: static QDQ int8, per-channel weights (dynamic if static fails)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="images to calibrate int8 on (default: dev-split images of the run's data)")
+    p.add_argument("--n-calibration", type=_positive_int, default=64, metavar="N",
+                   help="calibration images to use (default: 64)")
+    p.add_argument("--opset", type=_positive_int, default=None, metavar="N",
+                   help="ONNX opset (default: the exporter's, currently 20 with torch's dynamo exporter)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.export import ExportError, export_onnx
+
+    try:
+        out = export_onnx(args.run, args.out, int8=args.int8, calibration_images=args.calibration,
+                          opset=args.opset, n_calibration=args.n_calibration)
+    except (ExportError, FileNotFoundError, ValueError) as err:
+        print(f"medimaging export: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

@@ -1,0 +1,448 @@
+"""Export a run to ONNX for torch-free serving (`medimaging export`), optionally int8-quantised.
+
+    from common.export import export_onnx
+    out = export_onnx("runs/all14")                    # runs/all14/export/{model.onnx, model.json}
+    out = export_onnx("runs/all14", int8=True)         # + model.int8.onnx, calibrated on dev images
+
+The folder holds everything serving needs, so `common.onnx_predict` never opens the run:
+
+    model.onnx        input "image" float32 [batch, C, S, S] (dynamic batch) -> "logits" [batch, L];
+                      CNNs with a global-average-pooled head also output "features" [batch, C', h, w]
+    model.int8.onnx   (--int8) static QDQ quantisation, per-channel weights, calibrated on the run's
+                      dev split (or given images); dynamic quantisation when static fails
+    model.json        labels, thresholds, preprocessing ("input"), outputs, Grad-CAM method, parity
+                      measured at export, versions, whether the run's data was synthetic
+    head.npz          the head's weights, for Grad-CAM in numpy (CNNs only)
+
+The fp32 graph is checked against torch at export time (logits within 1e-4, else ExportError).
+`export_model` does the same for a model in memory (the compression engineer's pruned or distilled
+models); `quantize_int8` quantises any exported model.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from common import runs
+from common.onnx_predict import EXPORT_DIR, FP32, HEAD_NPZ, INT8, session_options
+from common.predict import ONNX_META, expand_inputs, load_image, prepare, sigmoid
+
+FORMAT = "medimaging-onnx"
+FORMAT_VERSION = 1
+PARITY_ATOL = 1e-4  # fp32 ONNX logits vs torch: the issue's bound
+
+
+class ExportError(RuntimeError):
+    """Export or quantisation could not produce a faithful model; the message says why and what to do."""
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------- Grad-CAM
+
+
+def head_layers(head) -> tuple[list[dict], dict[str, np.ndarray]] | None:
+    """The head as numpy layers ([{"op": ...}], weights) or None if it has a layer numpy cannot run.
+
+    Supported: Linear, ReLU, LeakyReLU; Dropout and Identity are no-ops in eval mode.
+    """
+    from torch import nn
+
+    layers: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    leaves = [m for m in head.modules() if not list(m.children())]
+    for i, m in enumerate(leaves):
+        if isinstance(m, nn.Linear):
+            w, b = f"layer{i}_weight", (f"layer{i}_bias" if m.bias is not None else None)
+            arrays[w] = m.weight.detach().cpu().numpy().astype(np.float32)
+            if b:
+                arrays[b] = m.bias.detach().cpu().numpy().astype(np.float32)
+            layers.append({"op": "linear", "weight": w, "bias": b})
+        elif isinstance(m, nn.LeakyReLU):
+            layers.append({"op": "leaky_relu", "negative_slope": float(m.negative_slope)})
+        elif isinstance(m, nn.ReLU):
+            layers.append({"op": "relu"})
+        elif isinstance(m, (nn.Dropout, nn.Identity)):
+            layers.append({"op": "identity"})
+        else:
+            return None
+    return layers, arrays
+
+
+def cam_support(model, input_cfg: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """Can Grad-CAM of this model run in numpy from the exported feature map? ({"method", ...}, weights).
+
+    Yes when forward_features gives [B, C, h, w], the pooled features feeding the head are exactly
+    their spatial mean (timm's avg pool, no norm after it), and the head is Linear/activation layers.
+    """
+    import torch
+
+    from common.onnx_predict import _NumpyHead
+
+    size, chans = int(input_cfg["image_size"]), int(input_cfg.get("in_chans", 3))
+    x = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        if feats.ndim != 4:
+            return {"method": "torch", "reason": f"features are tokens {tuple(feats.shape)}, not a [C, h, w] map"}, {}
+        pooled = model.backbone.forward_head(feats, pre_logits=True)
+        mean = feats.mean(dim=(2, 3))
+        if pooled.shape != mean.shape or not torch.allclose(pooled, mean, rtol=1e-4, atol=1e-5):
+            return {"method": "torch", "reason": "the head is not on plain global-average-pooled features"}, {}
+        spec = head_layers(model.head)
+        if spec is None:
+            return {"method": "torch", "reason": "the head has layers other than Linear/ReLU/LeakyReLU/Dropout"}, {}
+        layers, arrays = spec
+        logits = model.head(pooled).numpy()
+    with tempfile.TemporaryDirectory() as tmp:  # check the numpy head reproduces torch's
+        np.savez(Path(tmp) / HEAD_NPZ, **arrays)
+        head = _NumpyHead(layers, Path(tmp) / HEAD_NPZ)
+        diff = max(float(np.abs(head.forward(p)[0] - lg).max()) for p, lg in zip(mean.numpy(), logits))
+    if diff > PARITY_ATOL:
+        return {"method": "torch", "reason": f"numpy head differs from torch by {diff:.2g}"}, {}
+    return {"method": "numpy", "head": HEAD_NPZ, "layers": layers, "feature_shape": list(feats.shape[1:])}, arrays
+
+
+# ----------------------------------------------------------------------------------------- export
+
+
+def _graph_module(model, with_features: bool):
+    import torch
+
+    class OnnxGraph(torch.nn.Module):
+        """image -> logits (+ the last feature map for Grad-CAM)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):
+            feats = self.model.forward_features(image)
+            logits = self.model.forward_from_features(feats)
+            return (logits, feats) if with_features else logits
+
+    return OnnxGraph().eval()
+
+
+def _torch_export(module, example, path: Path, outputs: list[str], opset: int | None,
+                  log: Callable[[str], None]) -> str:
+    """torch.onnx.export with the dynamo exporter; the TorchScript one if dynamo fails. Returns which."""
+    import torch
+
+    chatter = io.StringIO()  # the dynamo exporter prints its progress to stdout
+    try:
+        with contextlib.redirect_stdout(chatter), _quiet_export_warnings():
+            program = torch.onnx.export(
+                module, (example,), None, dynamo=True, input_names=["image"], output_names=outputs,
+                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                opset_version=opset, verbose=False)
+            program.save(str(path))
+        return "dynamo"
+    except Exception as err:  # an architecture torch.export cannot trace: the older exporter often can
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        log(f"export: the dynamo exporter failed ({type(err).__name__}: {first[:200]}); "
+            "trying the TorchScript exporter")
+    dyn = {name: {0: "batch"} for name in ["image", *outputs]}
+    try:
+        with contextlib.redirect_stdout(chatter), _quiet_export_warnings():
+            torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=["image"],
+                              output_names=outputs, dynamic_axes=dyn, opset_version=opset or 17)
+    except Exception as err:
+        raise ExportError(f"{path}: neither ONNX exporter could export this model "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    return "torchscript"
+
+
+@contextlib.contextmanager
+def _quiet_export_warnings():
+    """Scoped: the exporters warn about tracing details (TracerWarning, deprecations) users cannot act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        try:
+            from torch.jit import TracerWarning
+
+            warnings.simplefilter("ignore", category=TracerWarning)
+        except ImportError:  # pragma: no cover
+            pass
+        yield
+
+
+def _check_images(input_cfg: dict, n: int = 3, seed: int = 0) -> np.ndarray:
+    """n deterministic grey test images through the real preprocessing: [n, C, S, S]."""
+    rng = np.random.default_rng(seed)
+    size = int(input_cfg["image_size"])
+    # smooth random images (blurred noise): closer to radiographs than white noise
+    base = rng.integers(0, 256, size=(n, max(4, size // 8), max(4, size // 8)), dtype=np.uint8)
+    return np.stack([prepare(b, input_cfg) for b in base])
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
+
+
+def export_model(
+    model,
+    out_dir: str | os.PathLike,
+    input_cfg: dict,
+    labels: Sequence[str],
+    thresholds: dict[str, float] | None = None,
+    meta: dict | None = None,
+    int8: bool = False,
+    calibration_images: Sequence[str | os.PathLike] | None = None,
+    opset: int | None = None,
+    n_calibration: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a MedImagingModel (in memory) to out_dir; see the module docstring for the files.
+
+    meta: extra entries for model.json (run_dir, model kwargs, synthetic). Raises ExportError when
+    the ONNX logits differ from torch by more than 1e-4.
+    """
+    import onnxruntime as ort
+    import torch
+
+    log = log or _stderr
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    labels = list(labels)
+    cam, head_arrays = cam_support(model, input_cfg)
+    with_features = cam["method"] == "numpy"
+    outputs = ["logits", "features"] if with_features else ["logits"]
+    size, chans = int(input_cfg["image_size"]), int(input_cfg.get("in_chans", 3))
+    example = torch.from_numpy(_check_images(input_cfg, n=2, seed=1))
+    module = _graph_module(model, with_features)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=out)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        exporter = _torch_export(module, example, tmp, outputs, opset, log)
+        # parity on a batch size other than the example's: also proves the batch axis is dynamic
+        x = _check_images(input_cfg, n=3)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        sess = ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
+        got = sess.run(["logits"], {"image": x})[0]
+        diff = float(np.abs(got - ref).max())
+        if not np.isfinite(diff) or diff > PARITY_ATOL:
+            raise ExportError(
+                f"{out / FP32}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_ATOL}); the export is "
+                f"not faithful for {model.build_kwargs.get('model_name', 'this model')} with the {exporter} "
+                "exporter. Try another --opset, or report the model name.")
+        os.replace(tmp, out / FP32)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if with_features:
+        buf = io.BytesIO()
+        np.savez(buf, **head_arrays)
+        runs.atomic_write_bytes(out / HEAD_NPZ, buf.getvalue())
+    else:
+        (out / HEAD_NPZ).unlink(missing_ok=True)
+    log(f"export: {out / FP32} ({exporter} exporter, opset {_onnx_opset(out / FP32)}); "
+        f"max |logit difference| vs torch {diff:.2g} (bound {PARITY_ATOL})")
+
+    info = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "labels": labels,
+        "thresholds": {k: float((thresholds or {}).get(k, 0.5)) for k in labels},
+        "input": {"image_size": size, "mean": list(input_cfg["mean"]), "std": list(input_cfg["std"]), "in_chans": chans},
+        "input_name": "image",
+        "outputs": {"logits": "logits", **({"features": "features"} if with_features else {})},
+        "cam": cam,
+        "exporter": exporter, "opset": _onnx_opset(out / FP32),
+        "parity": {"max_abs_logit_diff": diff, "atol": PARITY_ATOL, "n_images": int(len(x))},
+        "int8": None,
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(meta or {}),
+    }
+    if int8:
+        if not calibration_images:
+            raise ExportError(f"{out}: --int8 needs calibration images (dev-split images of the run's data, "
+                              "or a folder: --calibration DIR)")
+        info["int8"] = quantize_int8(out / FP32, out / INT8, calibration_images, info["input"],
+                                     n_calibration=n_calibration, log=log)
+    else:
+        (out / INT8).unlink(missing_ok=True)
+    runs.save_json(out / ONNX_META, info)
+    return out
+
+
+# ------------------------------------------------------------------------------------ quantisation
+
+
+def _calibration_batches(paths: Sequence[str | os.PathLike], input_cfg: dict, n: int,
+                         log: Callable[[str], None]) -> list[np.ndarray]:
+    from common.images import UnreadableImage
+
+    batches, skipped = [], 0
+    for p in paths:
+        if len(batches) >= n:
+            break
+        try:
+            batches.append(prepare(load_image(p), input_cfg)[None])
+        except UnreadableImage:
+            skipped += 1
+    if skipped:
+        log(f"int8: {skipped} unreadable calibration image(s) skipped")
+    return batches
+
+
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration_images: Sequence[str | os.PathLike],
+    input_cfg: dict,
+    n_calibration: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Quantise an ONNX model to int8: static QDQ, per-channel weights, MinMax-calibrated on images.
+
+    Falls back to dynamic quantisation (weights only) when static quantisation fails for an
+    architecture. Returns a JSON-able report: method, images used, agreement with fp32.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+
+    log = log or _stderr
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    batches = _calibration_batches(calibration_images, input_cfg, n_calibration, log)
+    if not batches:
+        raise ExportError(f"{out_path}: no readable calibration image among {len(calibration_images)} given")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x}
+
+    fd, tmp_name = tempfile.mkstemp(prefix=".model.int8.", suffix=".onnx", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    method, error = "static-qdq", None
+    with tempfile.TemporaryDirectory() as work:
+        source = fp32_path
+        try:  # shape inference + basic fusions first, as ONNX Runtime recommends
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            pre = Path(work) / "pre.onnx"
+            quant_pre_process(str(fp32_path), str(pre))
+            source = pre
+        except Exception as err:  # symbolic shape inference fails on some graphs; quantise the raw one
+            log(f"int8: pre-processing skipped ({type(err).__name__}: {str(err)[:120]})")
+        try:
+            quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"CalibTensorRangeSymmetric": False})
+            ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
+        except Exception as err:
+            error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            log(f"int8: static quantisation failed ({error}); falling back to dynamic quantisation")
+            method = "dynamic"
+            try:
+                quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            except Exception as err2:
+                tmp.unlink(missing_ok=True)
+                raise ExportError(f"{out_path}: int8 quantisation failed (static: {error}; dynamic: "
+                                  f"{type(err2).__name__}: {err2})") from err2
+    os.replace(tmp, out_path)
+    # agreement with fp32 on the calibration images (probabilities)
+    s32 = ort.InferenceSession(str(fp32_path), session_options(), providers=["CPUExecutionProvider"])
+    s8 = ort.InferenceSession(str(out_path), session_options(), providers=["CPUExecutionProvider"])
+    x = np.concatenate(batches[:16])
+    p32 = sigmoid(s32.run(["logits"], {"image": x})[0])
+    p8 = sigmoid(s8.run(["logits"], {"image": x})[0])
+    diff = np.abs(p8 - p32)
+    report = {"file": out_path.name, "method": method, "n_calibration": len(batches),
+              "max_abs_prob_diff_vs_fp32": float(diff.max()), "mean_abs_prob_diff_vs_fp32": float(diff.mean()),
+              "n_compared": int(len(x)), "static_error": error,
+              "size_mb": round(out_path.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32_path.stat().st_size / 1e6, 2)}
+    log(f"int8: {out_path} ({method}, {len(batches)} calibration images): probabilities within "
+        f"{report['max_abs_prob_diff_vs_fp32']:.3f} of fp32 (mean {report['mean_abs_prob_diff_vs_fp32']:.4f}); "
+        f"{report['size_mb']} MB vs {report['fp32_size_mb']} MB")
+    return report
+
+
+def calibration_paths(run_dir: str | os.PathLike, n: int = 64, seed: int = 0) -> list[str]:
+    """Up to n image paths from the dev split of the run's data (the split `fit` used), shuffled.
+
+    Uses common.data (load_dataset, combine, patient_split) and common.train.select_task with the
+    run's task, seed and fractions. Raises ExportError when the run's data folders are gone.
+    """
+    cfg = runs.read_config(run_dir)
+    train = cfg.get("train") or {}
+    roots = [d["root"] for d in cfg.get("data") or [] if isinstance(d, dict) and d.get("root")] or list(train.get("data") or [])
+    missing = [r for r in roots if not Path(r).is_dir()]
+    if not roots or missing:
+        raise ExportError(f"{run_dir}: cannot find the run's data for int8 calibration "
+                          f"({'missing: ' + ', '.join(missing) if missing else 'no data folders recorded'}); "
+                          "pass images with --calibration DIR")
+    from common.data import combine, load_dataset, patient_split
+    from common.train import select_task
+
+    frame = combine([load_dataset(r, quiet=True) for r in roots]).frame
+    frame, _ = select_task(frame, train.get("task", "all14"))
+    fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
+    split = patient_split(frame, seed=int(train.get("seed", 49)), fractions=fractions).to_numpy()
+    dev = frame.loc[split == "dev", "path"].astype(str).tolist()
+    if not dev:
+        raise ExportError(f"{run_dir}: the run's dev split is empty; pass images with --calibration DIR")
+    rng = np.random.default_rng(seed)
+    return [dev[i] for i in rng.permutation(len(dev))[:n]]
+
+
+def export_onnx(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    int8: bool = False,
+    calibration_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+    opset: int | None = None,
+    n_calibration: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Export a run directory to ONNX (default out: RUN/export/); returns the export folder.
+
+    int8: also write model.int8.onnx, calibrated on `calibration_images` (paths or a folder) or,
+    when None, on dev-split images of the run's data.
+    """
+    log = log or _stderr
+    run_dir = Path(run_dir)
+    run = runs.load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
+    calib: list[str] | None = None
+    if int8:
+        if calibration_images is None:
+            calib = calibration_paths(run_dir, n=n_calibration)
+            log(f"int8: calibrating on {len(calib)} dev-split images of the run's data")
+        else:
+            items = [calibration_images] if isinstance(calibration_images, (str, os.PathLike)) else calibration_images
+            files, bad = expand_inputs(items)
+            for path, reason in bad:
+                log(f"int8: {path}: {reason}")
+            calib = [str(f) for f in files]
+    meta = {"run_dir": str(run_dir.resolve()), "model": run.config["model"],
+            "synthetic": bool(run.config.get("synthetic", False)),
+            "task": (run.config.get("train") or {}).get("task")}
+    return export_model(run.model, out, run.config["input"], run.labels, run.thresholds, meta=meta, int8=int8,
+                        calibration_images=calib, opset=opset, n_calibration=n_calibration, log=log)
