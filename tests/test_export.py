@@ -1,0 +1,125 @@
+"""common.export and `medimaging export`: ONNX parity with torch, int8, metadata, calibration data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.cli import main as cli
+from common.export import ExportError, calibration_paths, export_onnx
+from common.labels import LABELS, TASKS
+from common.onnx_predict import OnnxModelError, OnnxPredictor
+from common.predict import TorchPredictor, create_untrained_run
+
+
+def _images(nih_sample: Path, n: int, start: int = 0) -> list[Path]:
+    return sorted((nih_sample / "images").glob("*.png"))[start:start + n]
+
+
+@pytest.fixture(scope="module")
+def cnn_export(tmp_path_factory, nih_sample) -> tuple[Path, Path]:
+    """A CNN run exported with int8, calibrated on given real images."""
+    run = create_untrained_run(tmp_path_factory.mktemp("export") / "cnn", "test_efficientnet", image_size=64,
+                               thresholds={k: 0.3 + 0.01 * i for i, k in enumerate(LABELS)}, synthetic=True)
+    out = export_onnx(run, int8=True, calibration_images=_images(nih_sample, 16, start=100), n_calibration=16,
+                      log=lambda m: None)
+    return run, out
+
+
+def test_export_writes_model_and_metadata(cnn_export):
+    run, out = cnn_export
+    assert out == run / "export"
+    meta = json.loads((out / "model.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    assert meta["labels"] == list(LABELS)
+    assert meta["thresholds"] == json.loads((run / "thresholds.json").read_text())
+    assert meta["input"] == cfg["input"]
+    assert meta["synthetic"] is True and meta["model"]["model_name"] == "test_efficientnet"
+    assert meta["opset"] >= 17 and meta["exporter"] in ("dynamo", "torchscript")
+    assert meta["parity"]["max_abs_logit_diff"] <= 1e-4
+    assert meta["outputs"] == {"logits": "logits", "features": "features"}
+    assert meta["cam"]["method"] == "numpy" and (out / "head.npz").is_file()
+
+
+def test_onnx_matches_torch_with_a_dynamic_batch(cnn_export, nih_sample):
+    import onnx
+    import onnxruntime as ort
+
+    run, out = cnn_export
+    model = onnx.load(str(out / "model.onnx"))
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # symbolic, not fixed
+    torch_p, onnx_p = TorchPredictor(run), OnnxPredictor(out)
+    for n in (1, 5):
+        images = _images(nih_sample, n)
+        np.testing.assert_allclose(onnx_p.predict_proba(images), torch_p.predict_proba(images), atol=1e-4)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.stack([onnx_p.prepare(onnx_p.load(p)) for p in _images(nih_sample, 3)])
+    logits, feats = sess.run(None, {"image": x})
+    assert logits.shape == (3, len(LABELS)) and feats.ndim == 4 and feats.shape[0] == 3
+
+
+def test_int8_is_static_qdq_and_close_to_fp32(cnn_export, nih_sample):
+    import onnx
+
+    _run, out = cnn_export
+    meta = json.loads((out / "model.json").read_text())
+    q = meta["int8"]
+    assert q["method"] == "static-qdq" and q["n_calibration"] == 16 and q["file"] == "model.int8.onnx"
+    ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+    images = _images(nih_sample, 6, start=200)  # not calibration images
+    p32 = OnnxPredictor(out).predict_proba(images)
+    p8 = OnnxPredictor(out, int8=True).predict_proba(images)
+    assert np.abs(p8 - p32).max() < 0.02
+    assert not np.array_equal(p8, p32)  # really a different (quantised) model
+
+
+def test_int8_needs_calibration_images(tmp_path):
+    run = create_untrained_run(tmp_path / "run", "test_efficientnet", image_size=32)
+    with pytest.raises(ExportError, match="--calibration"):
+        export_onnx(run, tmp_path / "out", int8=True, log=lambda m: None)  # an untrained run has no data
+
+
+def test_calibration_paths_come_from_the_runs_dev_split(nih_sample, tmp_path):
+    from common.data import load_dataset, patient_split
+    from common.train import select_task
+
+    run = create_untrained_run(tmp_path / "run", "test_efficientnet", labels=TASKS["cardiomegaly"], image_size=32)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"] = [{"root": str(nih_sample), "layout": "nih"}]
+    cfg["train"] = {"data": [str(nih_sample)], "task": "cardiomegaly", "seed": 3, "split_fractions": [0.6, 0.2, 0.2]}
+    (run / "config.json").write_text(json.dumps(cfg))
+    paths = calibration_paths(run, n=20)
+    frame, _ = select_task(load_dataset(nih_sample, quiet=True).frame, "cardiomegaly")
+    split = patient_split(frame, seed=3, fractions=(0.6, 0.2, 0.2))
+    dev = set(frame.loc[split == "dev", "path"])
+    assert len(paths) == min(20, len(dev)) and set(paths) <= dev
+    assert paths == calibration_paths(run, n=20)  # deterministic
+    cfg["data"] = [{"root": str(tmp_path / "gone")}]
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="--calibration DIR"):
+        calibration_paths(run)
+
+
+def test_vit_export_via_cli_matches_torch_and_marks_torch_gradcam(tmp_path, nih_sample, capsys):
+    run = create_untrained_run(tmp_path / "vit", "test_vit", image_size=64)
+    out = tmp_path / "vit-onnx"
+    assert cli(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["cam"]["method"] == "torch" and "tokens" in meta["cam"]["reason"]
+    assert meta["outputs"] == {"logits": "logits"} and not (out / "head.npz").exists()
+    images = _images(nih_sample, 3)
+    np.testing.assert_allclose(OnnxPredictor(out).predict_proba(images), TorchPredictor(run).predict_proba(images),
+                               atol=1e-4)
+
+
+def test_export_errors_are_clear(tmp_path, capsys):
+    assert cli(["export", "--run", str(tmp_path / "missing")]) == 1
+    assert "run directory not found" in capsys.readouterr().err
+    with pytest.raises(OnnxModelError, match="medimaging export --run"):
+        OnnxPredictor(create_untrained_run(tmp_path / "r", "test_efficientnet", image_size=32))
