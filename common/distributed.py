@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ def setup(device_name: str) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # rank 0 may decode a whole NIH download into the cache while the others wait at a barrier
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=3),
+                                device_id=device if device.type == "cuda" else None)
         owns = True
     return DistInfo(rank, world_size, local_rank, owns), device
 

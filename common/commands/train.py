@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "combine; default: dataset_full/ and dataset_cardiomegaly/, else the synthetic set")
     g.add_argument("--task", choices=sorted(TASKS), default=_D.task,
                    help=f"'cardiomegaly' = stage 1 (one output), 'all14' = stage 2 (default: {_D.task})")
+    g.add_argument("--split", dest="split_fractions", nargs=3, type=float, metavar=("TRAIN", "DEV", "TEST"),
+                   default=list(_D.split_fractions),
+                   help="patient split fractions; NIH's official test list wins when present (default: 0.7 0.1 0.2)")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="model_name", metavar="NAME", default=_D.model_name,
                    help=f"any timm.list_models() name (default: {_D.model_name})")
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["data"] = list(args.data or [])
+    values["split_fractions"] = tuple(values["split_fractions"])
     return TrainConfig(**values)
 
 
