@@ -17,6 +17,7 @@ row pointing at unwritten pixels. Unreadable files are remembered with their rea
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import sqlite3
 import tempfile
@@ -330,6 +331,22 @@ def _make_dataset_class():
 
         def __len__(self) -> int:
             return len(self.indices)
+
+        def __getstate__(self):
+            # DataLoader workers started by spawn/forkserver receive the dataset pickled; a pickled
+            # np.memmap is a full in-memory copy, so send where the file is and re-open it instead
+            state = dict(self.__dict__)
+            im = self.images
+            if isinstance(im, np.memmap) and isinstance(im.base, mmap.mmap) and im.filename:
+                state["images"] = ("memmap", im.filename, im.offset, im.shape, im.dtype.str)
+            return state
+
+        def __setstate__(self, state):
+            im = state["images"]
+            if isinstance(im, tuple) and im and im[0] == "memmap":
+                _, filename, offset, shape, dtype = im
+                state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+            self.__dict__.update(state)
 
         def __getitem__(self, i: int):
             j = int(self.indices[i])

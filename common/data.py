@@ -105,11 +105,16 @@ def index_images(root: str | Path) -> dict[str, str]:
     root = Path(root).resolve()
     found: dict[str, str] = {}
     stack = [str(root)]
+    seen: set[tuple[int, int]] = set()  # (device, inode) of visited folders: symlink loops end here
     while stack:
         folder = stack.pop()
         try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except (PermissionError, FileNotFoundError):
+        except (PermissionError, FileNotFoundError, NotADirectoryError):
             continue
         subdirs = []
         for e in entries:

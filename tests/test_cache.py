@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -154,6 +155,11 @@ def test_tensor_dataset_items_and_batches(tmp_path, small_copies):
     np.testing.assert_array_equal(yb.numpy(), labels[[5, 1, 9]])
     with pytest.raises(ValueError, match="same length"):
         XrayTensorDataset(res.images, labels[:3])
+    # pickled for spawned DataLoader workers: the memmap travels as a file reference, not a copy
+    blob = pickle.dumps(sub)
+    assert len(blob) < res.images.nbytes // 4
+    back = pickle.loads(blob)
+    assert isinstance(back.images, np.memmap) and all(torch.equal(back[k][0], sub[k][0]) for k in range(3))
 
 
 def test_random_affine_batch_is_deterministic_and_augments():

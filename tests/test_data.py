@@ -132,6 +132,7 @@ def test_dataset_full_layout(tmp_path, nih):
     _link_images(f["path"], root / "sample" / "images")
     text = ["|".join(n for n in LABELS if r[n] == 1) or "No Finding" for _, r in f.iterrows()]
     pd.DataFrame({"Image Index": f["image_id"], "Finding Labels": text}).to_csv(root / "14_train.csv", index=False)
+    os.symlink(root, root / "sample" / "loop")  # a symlink loop must not hang the scan
     d = load_dataset(root)
     assert d.layout == "full" and len(d) == 12
     np.testing.assert_array_equal(d.frame[list(LABELS)].to_numpy(), f[list(LABELS)].to_numpy())
