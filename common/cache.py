@@ -211,11 +211,12 @@ class ImageCache:
                    disable=not progress, leave=False)
         executor = None
         try:
-            if workers == 1 or len(todo) < _IN_PROCESS_BELOW:
+            import multiprocessing
+
+            # a daemonic process (e.g. a DataLoader worker) may not start children: decode in-process
+            if workers == 1 or len(todo) < _IN_PROCESS_BELOW or multiprocessing.current_process().daemon:
                 results = map(read_resized, todo, repeat(self.size))
             else:
-                import multiprocessing
-
                 # fork where available: spawn/forkserver re-import the caller's __main__ in every
                 # worker, which re-runs an unguarded trainer script; the workers only touch Pillow
                 # and numpy, so the parent's threads (torch, tqdm) are not a fork hazard for them
