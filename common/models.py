@@ -219,9 +219,10 @@ def build_model(
 ) -> MedImagingModel:
     """Any `timm.list_models()` backbone with a `head` ("mlp" or "linear") of `num_labels` outputs.
 
-    pretrained: False (random init, warns), True (timm hub; offline -> the cached download if there
-    is one, else a clear error naming the local-file option), a local weights file or folder, or an http(s) URL; None = random init
-    without the warning, for callers that load trained weights right after (e.g. a run).
+    pretrained: False (random init, warns); True (timm hub; offline -> the cached download if there
+    is one, else a clear error naming the local-file option); a local weights file or folder; an
+    http(s) URL; None = random init without the warning, for callers that load trained weights
+    right after (e.g. `common.runs.load_run`).
     image_size is passed to timm for models that take `img_size` (ViTs) and ignored by the others.
     Extra keyword arguments go to `timm.create_model` (e.g. drop_rate, drop_path_rate).
     """
@@ -250,7 +251,7 @@ def build_model(
             hub, pretrained = False, cached
     try:
         backbone, used_img_size = _create_backbone(model_name, hub, int(in_chans), image_size, timm_kwargs)
-    except (OSError, RuntimeError) as err:
+    except OSError as err:  # requests / huggingface_hub / urllib download errors are all OSErrors
         if hub:
             raise _offline_error(model_name, str(err).splitlines()[0] if str(err) else type(err).__name__) from err
         raise
