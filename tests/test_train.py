@@ -259,3 +259,13 @@ def test_empty_test_split_still_finishes(tmp_path, nih_sample):
     pred = pd.read_csv(out / "test_predictions.csv")
     assert list(pred.columns) == ["Image Index", *LABELS] and len(pred) == 0
     assert "test split is empty" in (out / "log.txt").read_text()
+
+
+def test_synthetic_data_is_flagged_everywhere(tmp_path):
+    from common.synthetic import generate
+
+    data = generate(tmp_path / "synthetic", layout="nih", n_images=60, image_size=32, progress=False, workers=1)
+    out = fit(tiny(tmp_path / "run", [data], max_steps=1))
+    assert runs.read_config(out)["synthetic"] is True
+    assert json.loads((out / "metrics.json").read_text())["run"]["synthetic"] is True
+    assert "SYNTHETIC" in (out / "log.txt").read_text()
