@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     from common.data import load_dataset
 
     torch.set_num_threads(1)  # both epoch paths run in one process, one thread: a like-for-like comparison
+    t = time.perf_counter()
     data = load_dataset(args.data, quiet=True)
+    load_s = time.perf_counter() - t
     paths = data.frame["path"].tolist()[: args.limit]
     labels = data.labels[: len(paths)]
     mean, std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)  # what the study used
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     workers = args.workers or default_workers()
     print(f"\n{n} images from {args.data}, {args.size} px, batch {args.batch_size}, {args.epochs} epochs, "
           f"{os.cpu_count()} CPUs (cache build: {workers} processes; epochs: one process, one thread)\n")
+    print(f"load_dataset: {load_s:.2f} s ({len(data.frame)} images found, {data.rows_without_image} csv rows "
+          f"without an image)\n")
     print("| path | one-off cost | s / epoch | images / s per epoch | vs naive |")
     print("|---|---|---|---|---|")
     print(f"| naive (PIL decode + resize + rotate every item) | - | {sum(naive) / len(naive):.2f} | "
