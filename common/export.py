@@ -443,6 +443,7 @@ def export_onnx(
             calib = [str(f) for f in files]
     meta = {"run_dir": str(run_dir.resolve()), "model": run.config["model"],
             "synthetic": bool(run.config.get("synthetic", False)),
+            "untrained": bool(run.config.get("untrained", False)),
             "task": (run.config.get("train") or {}).get("task")}
     return export_model(run.model, out, run.config["input"], run.labels, run.thresholds, meta=meta, int8=int8,
                         calibration_images=calib, opset=opset, n_calibration=n_calibration, log=log)

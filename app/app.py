@@ -1,0 +1,285 @@
+"""MedImaging demo: upload a chest X-ray, see the 14 findings and where the model looked.
+
+    .venv/bin/streamlit run app/app.py          # runs under $MEDIMAGING_RUNS, else runs/ and results/
+
+A thin view over `common.onnx_predict` (ONNX Runtime) and `common.explain`. Predicting never
+imports torch: a run without an ONNX export is exported once, in a separate process
+(`medimaging export`). Grad-CAM is computed in numpy for CNNs; only models whose Grad-CAM needs
+torch (ViTs) import it, lazily, when an overlay is asked for, and the page says so.
+
+Settings (environment): MEDIMAGING_RUNS (folders with runs, separated by the OS path separator),
+MEDIMAGING_MAX_UPLOAD_MB (default 50).
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from common.images import MAX_PIXELS, UnreadableImage, read_grayscale
+from common.onnx_predict import OnnxModelError, OnnxPredictor, resolve_export_dir
+from common.predict import ONNX_META
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_UPLOAD_MB = float(os.environ.get("MEDIMAGING_MAX_UPLOAD_MB", "50"))
+CHART_ROW_PX = 26  # bar chart height per finding: every label stays readable
+DISCLAIMER = ("**Research prototype - not for diagnosis.** The probabilities come from a model trained on "
+              "NIH ChestX-ray14's text-mined labels; they are not validated for clinical use and must not "
+              "guide the care of any patient.")
+
+
+def _has_pydicom() -> bool:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def runs_roots() -> list[Path]:
+    """Where to look for runs: $MEDIMAGING_RUNS, else runs/ and results/ (here and in the repository)."""
+    env = os.environ.get("MEDIMAGING_RUNS")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    roots = [Path("runs"), Path("results"), REPO / "runs", REPO / "results"]
+    unique: list[Path] = []
+    for r in roots:
+        if r.resolve() not in [u.resolve() for u in unique]:
+            unique.append(r)
+    return unique
+
+
+def find_models(roots: list[Path]) -> list[Path]:
+    """Run directories (with weights) and stand-alone export folders under roots, newest first."""
+    from common.runs import find_runs
+
+    found: dict[Path, float] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for run in find_runs(root):
+            found[run.resolve()] = run.stat().st_mtime
+        for meta in root.rglob(ONNX_META):
+            folder = meta.parent.resolve()
+            if (folder / "model.onnx").is_file() and not (folder.parent / "config.json").is_file():
+                found[folder] = folder.stat().st_mtime
+    return sorted(found, key=lambda p: -found[p])
+
+
+def describe(path: Path) -> str:
+    import json
+
+    cfg = path / "config.json"
+    meta = path / ONNX_META
+    try:
+        info = json.loads((cfg if cfg.is_file() else meta).read_text())
+    except (OSError, ValueError):
+        return path.name
+    model = (info.get("model") or {}).get("model_name", "?")
+    n = len(info.get("labels") or [])
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    return f"{path.name} - {model}, {n} finding{'s' if n != 1 else ''}, {when}" + (" (SYNTHETIC data)" if info.get("synthetic") else "")
+
+
+def ensure_export(path: Path) -> Path:
+    """The model's ONNX export folder, made once (in a separate process, so torch stays out of here)."""
+    try:
+        return resolve_export_dir(path)
+    except OnnxModelError:
+        if not (path / "config.json").is_file():
+            raise
+    cmd = [sys.executable, "-m", "common", "export", "--run", str(path)]
+    with st.spinner(f"First use of this run: exporting it to ONNX (`{' '.join(cmd[2:])}`), once..."):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise OnnxModelError(f"exporting {path} failed:\n{tail}\nRun `medimaging export --run {path}` to see why.")
+    return resolve_export_dir(path)
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=4)
+def load_predictor(export_dir: str, stamp: float) -> OnnxPredictor:
+    """Loaded once per export (stamp: the model file's mtime, so a re-export is picked up)."""
+    return OnnxPredictor(export_dir)
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+    """A DICOM file → 2-D uint8 (modality + VOI LUT applied, MONOCHROME1 inverted)."""
+    import pydicom
+
+    where = "<upload>"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as err:
+        raise UnreadableImage(where, f"not a readable DICOM file ({err})") from None
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if rows * cols > MAX_PIXELS:
+        raise UnreadableImage(where, f"DICOM image too large: {cols}x{rows}")
+    try:
+        arr = ds.pixel_array
+        try:
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        except ImportError:  # pydicom < 3
+            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+            arr = arr[0]  # multi-frame: the first frame
+        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    except Exception as err:
+        raise UnreadableImage(where, f"DICOM pixel data cannot be decoded ({err}); it may need a codec plugin") from None
+    if arr.ndim == 3:
+        arr = arr.mean(axis=2)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = arr.max() - arr
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise UnreadableImage(where, "DICOM image is blank (constant pixel values)")
+    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def decode_upload(name: str, data: bytes) -> np.ndarray:
+    """Uploaded bytes → 2-D uint8 grayscale; UnreadableImage with a reason a user can act on."""
+    if len(data) > MAX_UPLOAD_MB * 1e6:
+        raise UnreadableImage(name, f"file too large ({len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_MB:.0f} MB)")
+    if name.lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
+        if not _has_pydicom():
+            raise UnreadableImage(name, "DICOM files need pydicom (pip install pydicom); upload a PNG or JPEG")
+        return decode_dicom(data)
+    return read_grayscale(data)
+
+
+def probability_chart(table):
+    """Horizontal bars sorted by probability, each finding's threshold marked by a black tick."""
+    import altair as alt
+
+    order = list(table["Finding"])
+    base = alt.Chart(table)
+    bars = base.mark_bar().encode(
+        x=alt.X("Probability:Q", scale=alt.Scale(domain=[0, 1]), title="probability"),
+        y=alt.Y("Finding:N", sort=order, title=None, axis=alt.Axis(labelOverlap=False, labelLimit=200)),
+        color=alt.Color("Above threshold:N", scale=alt.Scale(domain=[True, False], range=["#d62728", "#7f9fbf"]),
+                        legend=alt.Legend(title="above threshold", orient="bottom")),
+        tooltip=["Finding", alt.Tooltip("Probability:Q", format=".3f"), alt.Tooltip("Threshold:Q", format=".3f")],
+    )
+    ticks = base.mark_tick(color="black", thickness=2, size=16).encode(
+        x="Threshold:Q", y=alt.Y("Finding:N", sort=order))
+    return (bars + ticks).properties(height=CHART_ROW_PX * len(order))
+
+
+def show_gradcam(predictor: OnnxPredictor, gray: np.ndarray, ranked: list[str]) -> None:
+    from common.explain import normalize_cam, overlay, upsample
+
+    st.subheader("Where the model looked")
+    label = st.selectbox("Grad-CAM for the finding", ranked, index=0, key="cam_label")
+    if predictor.cam_method == "numpy":
+        cam, prob = predictor.gradcam(gray, label)
+        how = "Grad-CAM computed from the ONNX model's last feature map (numpy, no torch)."
+    else:
+        st.caption(f"This model's Grad-CAM needs torch ({predictor.cam_note}); it is imported now, for the "
+                   "overlay only. Predictions above came from ONNX Runtime.")
+        from common.explain import explain
+
+        with st.spinner("Loading torch for this model's Grad-CAM..."):
+            try:
+                e = explain(predictor, gray, label)
+            except (FileNotFoundError, ValueError) as err:
+                st.error(f"No Grad-CAM for this model: {err}")
+                return
+        cam, prob = e.cam, e.probability
+        how = "Grad-CAM computed with torch (this model's head is not on a plain pooled feature map)."
+    heat = upsample(normalize_cam(cam), gray.shape)
+    note = "" if float(cam.max(initial=0.0)) > 0 else " (no positive evidence: the map is empty)"
+    title = ("SYNTHETIC data - " if predictor.synthetic else "") + f"{label}: p = {prob:.3f}{note}"
+    st.image(overlay(gray, np.clip(heat, 0, 1), alpha=0.4), caption=title, width="stretch")
+    st.caption(how)
+
+
+def main() -> None:
+    st.set_page_config(page_title="MedImaging - chest X-ray findings", layout="wide")
+    st.title("MedImaging: chest X-ray findings")
+    st.warning(DISCLAIMER)
+
+    roots = runs_roots()
+    models = find_models(roots)
+    with st.sidebar:
+        st.header("Model")
+        if not models:
+            st.info("No run found.")
+    if not models:
+        where = ", ".join(str(r) for r in roots)
+        st.info(
+            f"No trained run found under {where}. Make one, then reload this page:\n\n"
+            "```bash\nmedimaging train --data dataset_full --task all14 --model efficientnet_b0 --out runs/all14\n"
+            "medimaging export --run runs/all14   # optional: the app exports on first use\n```\n"
+            "or point the app to your runs with `MEDIMAGING_RUNS=/path/to/runs streamlit run app/app.py`.")
+        return
+    with st.sidebar:
+        choice = st.selectbox("Run (newest first)", models, index=0, format_func=describe, key="run")
+        st.caption(str(choice))
+    try:
+        export_dir = ensure_export(Path(choice))
+        predictor = load_predictor(str(export_dir), (export_dir / "model.onnx").stat().st_mtime)
+    except (OnnxModelError, FileNotFoundError, ValueError) as err:
+        st.error(f"Cannot load this model: {err}")
+        return
+    with st.sidebar:
+        st.caption(f"{predictor.model_name}, input {predictor.image_size} px, ONNX Runtime "
+                   f"({predictor.session.get_session_options().intra_op_num_threads} threads)")
+        if predictor.synthetic:
+            st.warning("This run was trained on SYNTHETIC data: its outputs mean nothing medically.")
+        if predictor.meta.get("untrained"):
+            st.warning("This run holds an untrained (randomly initialised) model: its outputs mean nothing.")
+
+    kinds = ["png", "jpg", "jpeg"] + (["dcm", "dicom"] if _has_pydicom() else [])
+    upload = st.file_uploader(f"Upload a chest X-ray ({', '.join(k.upper() for k in kinds)})", type=kinds, key="upload")
+    if upload is None:
+        st.info("Upload a frontal chest X-ray to see the 14 findings.")
+        return
+    data = upload.getvalue()
+    try:
+        gray = decode_upload(upload.name, data)
+    except UnreadableImage as err:
+        st.error(f"Could not read {upload.name}: {err.reason}. Upload a PNG or JPEG chest X-ray.")
+        return
+
+    t0 = time.perf_counter()
+    pred = predictor.predict(gray, name=upload.name)
+    ms = (time.perf_counter() - t0) * 1000
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "Finding": predictor.labels,
+        "Probability": [pred.probabilities[k] for k in predictor.labels],
+        "Threshold": [predictor.thresholds[k] for k in predictor.labels],
+    })
+    table["Above threshold"] = table["Probability"] >= table["Threshold"]
+    table = table.sort_values("Probability", ascending=False, kind="stable").reset_index(drop=True)
+
+    left, right = st.columns([1, 1])
+    with left:
+        st.image(gray, caption=f"{upload.name} ({gray.shape[1]}x{gray.shape[0]})", width="stretch")
+    with right:
+        st.subheader("Findings above threshold")
+        if pred.positive:
+            st.markdown(", ".join(f"**{k}** ({pred.probabilities[k]:.2f})" for k in table["Finding"] if k in pred.positive))
+        else:
+            st.markdown("None of the findings is above its threshold.")
+        st.altair_chart(probability_chart(table), width="stretch", height=CHART_ROW_PX * len(table) + 60)
+        st.caption(f"Predicted in {ms:.0f} ms with ONNX Runtime. Black ticks: each finding's threshold, tuned on "
+                   "the run's dev split.")
+    left, right = st.columns([1, 1])
+    with left:
+        show_gradcam(predictor, gray, list(table["Finding"]))
+    with right:
+        st.subheader("All findings")
+        st.dataframe(table, hide_index=True, width="stretch", height=36 * (len(table) + 1) + 2,
+                     column_config={"Probability": st.column_config.NumberColumn(format="%.3f"),
+                                    "Threshold": st.column_config.NumberColumn(format="%.3f")})
+
+
+main()

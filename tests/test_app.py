@@ -1,0 +1,242 @@
+"""The Streamlit app: AppTest drives uploads; a real Chromium drives the served page.
+
+The browser test needs Debian's chromium + chromedriver (`.ci/run` installs them). Without them it
+skips with the reason, except under CI (CI=true), where that is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+
+from common.labels import LABELS
+from common.predict import create_untrained_run
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app" / "app.py"
+THRESHOLDS = {name: 0.35 + 0.02 * i for i, name in enumerate(LABELS)}
+
+
+def _image(nih_sample: Path, i: int = 0) -> Path:
+    return sorted((nih_sample / "images").glob("*.png"))[i]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    """A runs folder with one exported CNN run (the newest, so the app's default)."""
+    from common.export import export_onnx
+
+    root = tmp_path_factory.mktemp("app-runs")
+    run = create_untrained_run(root / "cnn", "test_efficientnet", image_size=64, thresholds=THRESHOLDS)
+    export_onnx(run, log=lambda m: None)
+    return root
+
+
+def _app(monkeypatch, root: Path, **env):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MEDIMAGING_RUNS", str(root))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _upload(at, name: str, data: bytes, mime: str = "image/png"):
+    at.file_uploader(key="upload").set_value((name, data, mime))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims a huge image (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_no_run_says_how_to_make_one(monkeypatch, tmp_path):
+    at = _app(monkeypatch, tmp_path / "empty")
+    text = " ".join(i.value for i in at.info)
+    assert "No trained run found" in text and "medimaging train" in text
+    assert any("not for diagnosis" in w.value for w in at.warning)
+    assert not at.file_uploader  # nothing to upload to yet
+
+
+def test_upload_shows_all_probabilities_thresholds_and_gradcam(monkeypatch, runs_root, nih_sample):
+    from common.onnx_predict import OnnxPredictor
+
+    at = _app(monkeypatch, runs_root)
+    assert any("not for diagnosis" in w.value for w in at.warning)
+    assert any("untrained" in w.value for w in at.sidebar.warning)  # create_untrained_run's flag, via model.json
+    assert set(at.file_uploader(key="upload").allowed_type) >= {".png", ".jpg", ".jpeg"}
+    image = _image(nih_sample, 2)
+    _upload(at, image.name, image.read_bytes())
+    assert not at.error
+    table = at.dataframe[0].value
+    assert len(table) == len(LABELS) and set(table["Finding"]) == set(LABELS)
+    assert list(table["Probability"]) == sorted(table["Probability"], reverse=True)
+    assert dict(zip(table["Finding"], table["Threshold"])) == pytest.approx(THRESHOLDS)
+    expected = OnnxPredictor(runs_root / "cnn").predict(image)
+    assert dict(zip(table["Finding"], table["Probability"])) == pytest.approx(expected.probabilities, abs=1e-6)
+    markdown = " ".join(m.value for m in at.markdown)
+    for name in expected.positive:
+        assert f"**{name}**" in markdown
+    chart = at.get("vega_lite_chart")
+    assert len(chart) == 1, "the probability bar chart is missing"
+    spec = json.loads(chart[0].proto.spec)
+    assert {layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]} \
+        == {"bar", "tick"}  # bars + a tick per threshold
+    assert any("numpy, no torch" in c.value for c in at.caption)
+    assert len(at.get("image")) == 2  # the X-ray and the Grad-CAM overlay
+    # choosing another finding recomputes the overlay
+    at.selectbox(key="cam_label").set_value("Hernia")
+    at.run()
+    assert not at.exception and len(at.get("image")) == 2
+
+
+def test_bad_uploads_get_a_message_and_the_app_keeps_working(monkeypatch, runs_root, nih_sample):
+    at = _app(monkeypatch, runs_root)
+    _upload(at, "notes.png", b"these are not pixels")
+    assert any("Could not read notes.png" in e.value and "not an image" in e.value for e in at.error)
+    _upload(at, "bomb.png", _bomb_png())
+    assert any("too large" in e.value for e in at.error)
+    good = _image(nih_sample, 3).read_bytes()
+    _upload(at, "cut.png", good[: len(good) // 3])
+    assert any("Could not read cut.png" in e.value for e in at.error)
+    _upload(at, "good.png", good)  # the same session still works
+    assert not at.error and len(at.dataframe[0].value) == len(LABELS)
+    monkeypatch.setenv("MEDIMAGING_MAX_UPLOAD_MB", "0.01")
+    _upload(at, "big.png", good)
+    assert any("file too large" in e.value for e in at.error)
+
+
+def test_first_use_exports_and_a_vit_gradcam_says_it_uses_torch(monkeypatch, tmp_path, nih_sample):
+    root = tmp_path / "runs"
+    run = create_untrained_run(root / "vit", "test_vit", image_size=32)
+    at = _app(monkeypatch, root)
+    assert (run / "export" / "model.onnx").is_file()  # exported on first use, in a subprocess
+    image = _image(nih_sample, 4)
+    _upload(at, image.name, image.read_bytes())
+    assert not at.error and len(at.dataframe[0].value) == len(LABELS)
+    assert any("needs torch" in c.value for c in at.caption)
+
+
+def test_the_app_process_never_imports_torch_for_predicting(runs_root, nih_sample):
+    code = (
+        "import json, sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({str(APP)!r}, default_timeout=120)\n"
+        "at.run()\n"
+        f"at.file_uploader(key='upload').set_value(('x.png', open({str(_image(nih_sample, 5))!r}, 'rb').read(), 'image/png'))\n"
+        "at.run()\n"
+        "print(json.dumps({'rows': len(at.dataframe[0].value), 'exception': len(at.exception), "
+        "'torch': 'torch' in sys.modules}))\n"
+    )
+    env = {**os.environ, "MEDIMAGING_RUNS": str(runs_root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"rows": len(LABELS), "exception": 0, "torch": False}
+
+
+# ------------------------------------------------------------------------------ real browser
+
+
+def _browser() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        msg = ("no Chromium/chromedriver installed (Debian: apt-get install -y chromium chromium-driver); "
+               "the real-browser test of the app cannot run")
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_real_browser_upload_shows_findings(runs_root, nih_sample, tmp_path):
+    chromium, chromedriver = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    env = {**os.environ, "MEDIMAGING_RUNS": str(runs_root)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    log = (tmp_path / "streamlit.log").open("w")
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver = None
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "streamlit.log").read_text()[-3000:]
+            assert time.time() < deadline, "streamlit did not start within 90 s"
+            time.sleep(0.5)
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    "--window-size=1400,1900"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 120)
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+        image = _image(nih_sample, 6)
+        upload.send_keys(str(image.resolve()))
+        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Findings above threshold"))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stDataFrame']")))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stVegaLiteChart'] canvas, "
+                                                                    "[data-testid='stVegaLiteChart'] svg")))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")) >= 2)
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "not for diagnosis" in body and image.name in body
+        time.sleep(1.0)  # let the chart finish drawing for the screenshot
+        shot = tmp_path / "app.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+        # the serving process never loaded torch's native library
+        maps = Path(f"/proc/{server.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
