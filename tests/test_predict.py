@@ -26,6 +26,17 @@ from common.preprocess import resize_gray, to_model_input
 THRESHOLDS = {name: (0.0 if i % 3 == 0 else 1.0 if i % 3 == 1 else 0.5) for i, name in enumerate(LABELS)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread mostly spin-waits, so use one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images(nih_sample: Path, n: int) -> list[Path]:
     return sorted((nih_sample / "images").glob("*.png"))[:n]
 
@@ -215,6 +226,7 @@ def _mini_nih(nih_sample: Path, dst: Path, n: int = 32) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:pretrained=False:UserWarning")  # random init is the point of this smoke run
 def test_run_from_a_real_fit_predicts_and_exports(nih_sample, tmp_path, capsys):
     from common.export import export_onnx
     from common.train import TrainConfig, fit
