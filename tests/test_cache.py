@@ -178,3 +178,19 @@ def test_random_affine_batch_is_deterministic_and_augments():
     torch.testing.assert_close(filled, torch.ones(4, 1, 64, 64))
     with pytest.raises(TypeError, match="float"):
         random_affine_batch(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.Generator())
+
+
+def test_random_affine_grid_matches_torch_affine_grid():
+    """The hand-built sampling grid is F.affine_grid's, for a non-square batch too."""
+    import torch.nn.functional as F
+
+    x = torch.rand(4, 2, 30, 44, generator=torch.Generator().manual_seed(2))
+    got = random_affine_batch(x, torch.Generator().manual_seed(5), degrees=15, scale=(0.8, 1.2), translate=0.1)
+    u = torch.rand(4, 4, generator=torch.Generator().manual_seed(5))  # the same draws, in the same order
+    angle = torch.deg2rad((u[:, 0] * 2 - 1) * 15)
+    zoom = 0.8 + u[:, 1] * 0.4
+    tx, ty = (u[:, 2] * 2 - 1) * 0.2, (u[:, 3] * 2 - 1) * 0.2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin * 30 / 44, tx], 1), torch.stack([sin * 44 / 30, cos, ty], 1)], 1)
+    want = F.grid_sample(x, F.affine_grid(theta, [4, 2, 30, 44], align_corners=False), align_corners=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
