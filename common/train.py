@@ -484,8 +484,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks
     if info.local_rank != 0:
         data = prepare_data(cfg, log=log, progress=False)
     if info.is_main and data.unreadable:
-        pd.DataFrame(data.unreadable, columns=["path", "reason"]).pipe(
-            lambda f: runs.atomic_write_text(out / UNREADABLE_CSV, f.to_csv(index=False)))
+        table = pd.DataFrame(data.unreadable, columns=["path", "reason"])
+        runs.atomic_write_text(out / UNREADABLE_CSV, table.to_csv(index=False))
     labels = data.labels
     train_rows = data.split_index["train"]
     if not len(train_rows):

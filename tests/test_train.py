@@ -253,19 +253,33 @@ def test_init_from_stage1_then_freeze(stage1, tmp_path, nih_sample):
 
 
 def test_empty_test_split_still_finishes(tmp_path, nih_sample):
-    out = fit(tiny(tmp_path / "run", [nih_sample], max_steps=1, split_fractions=(0.8, 0.2, 0.0)))
+    out = fit(tiny(tmp_path / "run", [nih_sample], max_steps=1, split_fractions=(0.8, 0.2, 0.0), pos_weight=True))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 0 and "empty" in metrics["note"]
     pred = pd.read_csv(out / "test_predictions.csv")
     assert list(pred.columns) == ["Image Index", *LABELS] and len(pred) == 0
-    assert "test split is empty" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "test split is empty" in log
+    # pos_weight = neg/pos on the train split: Hernia (13 of 400) weighs far more than Infiltration (79)
+    weights = dict(item.rsplit(" ", 1) for item in log.split("pos_weight (neg/pos on train): ")[1].splitlines()[0].split(", "))
+    assert list(weights) == list(LABELS) and float(weights["Hernia"]) > 3 * float(weights["Infiltration"]) > 3
 
 
-def test_synthetic_data_is_flagged_everywhere(tmp_path):
+def test_synthetic_data_flagged_and_unreadable_files_skipped(tmp_path):
     from common.synthetic import generate
 
     data = generate(tmp_path / "synthetic", layout="nih", n_images=60, image_size=32, progress=False, workers=1)
+    files = sorted(data.rglob("*.png"))
+    files[0].write_bytes(b"")  # zero-byte
+    files[1].write_bytes(files[1].read_bytes()[:40])  # truncated
     out = fit(tiny(tmp_path / "run", [data], max_steps=1))
-    assert runs.read_config(out)["synthetic"] is True
+    cfg = runs.read_config(out)
+    assert cfg["synthetic"] is True
     assert json.loads((out / "metrics.json").read_text())["run"]["synthetic"] is True
-    assert "SYNTHETIC" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "SYNTHETIC" in log and "2 unreadable file(s) skipped" in log
+    unreadable = pd.read_csv(out / "unreadable.csv")
+    assert sorted(Path(p).name for p in unreadable["path"]) == [files[0].name, files[1].name]
+    assert unreadable["reason"].str.len().min() > 0
+    assert sum(cfg["split"].values()) == 58  # the other images all train, score or test
+    assert not {files[0].name, files[1].name} & set(pd.read_csv(out / "test_predictions.csv")["Image Index"])
