@@ -40,11 +40,16 @@ METRICS_JSON = "metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

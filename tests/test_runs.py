@@ -67,3 +67,9 @@ def test_package_import_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+def test_atomic_writes_make_ordinary_files(tmp_path):
+    runs.save_json(tmp_path / "metrics.json", {})
+    mode = (tmp_path / "metrics.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~runs._UMASK
