@@ -283,3 +283,13 @@ def test_synthetic_data_flagged_and_unreadable_files_skipped(tmp_path):
     assert unreadable["reason"].str.len().min() > 0
     assert sum(cfg["split"].values()) == 58  # the other images all train, score or test
     assert not {files[0].name, files[1].name} & set(pd.read_csv(out / "test_predictions.csv")["Image Index"])
+
+
+def test_early_stopping_ends_the_run_when_dev_stops_improving(tmp_path, nih_sample):
+    # a frozen backbone and a vanishing learning rate: dev AUROC cannot improve after epoch 1
+    out = fit(tiny(tmp_path / "run", [nih_sample], epochs=6, patience=2, freeze=-1, lr=1e-12, warmup_steps=0))
+    history = pd.read_csv(out / "metrics.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["best"].tolist() == [True, False, False]
+    assert "early stop" in (out / "log.txt").read_text()
+    assert json.loads((out / "metrics.json").read_text())["run"]["best_epoch"] == 1
