@@ -13,6 +13,8 @@ The folder holds everything serving needs, so `common.onnx_predict` never opens 
     model.json        labels, thresholds, preprocessing ("input"), outputs, Grad-CAM method, parity
                       measured at export, versions, whether the run's data was synthetic
     head.npz          the head's weights, for Grad-CAM in numpy (CNNs only)
+    .ort-optimized/   ONNX Runtime's fully optimised graphs for this machine (a cache; see
+                      common.onnx_predict.open_session), rebuilt on another machine
 
 The fp32 graph is checked against torch at export time (logits within 1e-4, else ExportError).
 `export_model` does the same for a model in memory (the compression engineer's pruned or distilled
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from common import runs
-from common.onnx_predict import EXPORT_DIR, FP32, HEAD_NPZ, INT8, session_options
+from common.onnx_predict import EXPORT_DIR, FP32, HEAD_NPZ, INT8, OPT_CACHE, open_session, session_options
 from common.predict import ONNX_META, expand_inputs, load_image, prepare, sigmoid
 
 FORMAT = "medimaging-onnx"
@@ -282,6 +285,10 @@ def export_model(
     else:
         (out / INT8).unlink(missing_ok=True)
     runs.save_json(out / ONNX_META, info)
+    # optimised graphs cached for the old files are stale now; make this machine's once, here
+    shutil.rmtree(out / OPT_CACHE, ignore_errors=True)
+    for name in (FP32, INT8) if int8 else (FP32,):
+        open_session(out / name)
     return out
 
 

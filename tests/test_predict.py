@@ -187,6 +187,31 @@ def test_onnx_predictions_match_torch(predictor, export_dir, nih_sample):
     assert load_predictor(predictor.source, onnx=True).source == export_dir
 
 
+def test_optimised_graph_cache_gives_the_same_predictions(export_dir, nih_sample, tmp_path):
+    import shutil
+
+    from common.onnx_predict import OPT_CACHE, OnnxPredictor
+
+    images = _images(nih_sample, 3)
+    plain = OnnxPredictor(export_dir, cache=False)
+    assert plain.optimized_file is None
+    cached = OnnxPredictor(export_dir)  # export already wrote this machine's optimised graph
+    assert cached.optimized_file is not None and cached.optimized_file.parent == export_dir / OPT_CACHE
+    np.testing.assert_allclose(cached.predict_proba(images), plain.predict_proba(images), atol=1e-6)
+    # a damaged cache file is replaced, not trusted
+    cached.optimized_file.write_bytes(b"garbage")
+    again = OnnxPredictor(export_dir)
+    np.testing.assert_allclose(again.predict_proba(images), plain.predict_proba(images), atol=1e-6)
+    assert again.optimized_file.stat().st_size > 1000
+    # where the cache cannot be written (read-only folder; here: its name is taken by a file), it still serves
+    blocked = tmp_path / "blocked"
+    shutil.copytree(export_dir, blocked, ignore=shutil.ignore_patterns(OPT_CACHE))
+    (blocked / OPT_CACHE).write_text("not a folder")
+    p = OnnxPredictor(blocked)
+    assert p.optimized_file is None
+    np.testing.assert_allclose(p.predict_proba(images), plain.predict_proba(images), atol=1e-6)
+
+
 def test_onnx_predict_never_imports_torch(export_dir, nih_sample, tmp_path):
     """A fresh process: the CLI's ONNX path and the library API, with torch/pandas/matplotlib absent."""
     images = [str(p) for p in _images(nih_sample, 2)]
