@@ -94,8 +94,9 @@ def ensure_export(path: Path) -> Path:
     except OnnxModelError:
         if not (path / "config.json").is_file():
             raise
-    cmd = [sys.executable, "-m", "common", "export", "--run", str(path)]
-    with st.spinner(f"First use of this run: exporting it to ONNX (`{' '.join(cmd[2:])}`), once..."):
+    # what `medimaging export --run RUN` does, without building the whole CLI
+    cmd = [sys.executable, "-c", "import sys; from common.export import export_onnx; export_onnx(sys.argv[1])", str(path)]
+    with st.spinner(f"First use of this run: exporting it to ONNX (`medimaging export --run {path}`), once..."):
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -282,4 +283,5 @@ def main() -> None:
                                     "Threshold": st.column_config.NumberColumn(format="%.3f")})
 
 
-main()
+if __name__ == "__main__":  # Streamlit runs the script as __main__; tests import its functions
+    main()

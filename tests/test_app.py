@@ -81,6 +81,59 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _app_module():
+    """app/app.py imported as a module (its page runs only as __main__), for its helper functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("medimaging_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dicom_upload_is_decoded_with_its_lut_and_photometry(nih_sample):
+    pytest.importorskip("pydicom", reason="DICOM uploads are optional: they need pydicom")
+    import io
+
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from common.images import read_grayscale
+
+    src = read_grayscale(_image(nih_sample, 7))
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = src.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"  # white = low values
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (4095 - src.astype(np.uint16) * 16).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    gray = _app_module().decode_upload("x.dcm", buf.getvalue())
+    expected = np.rint((src.astype(float) - src.min()) * 255.0 / (src.max() - src.min()))
+    assert gray.dtype == np.uint8 and np.abs(gray.astype(float) - expected).max() <= 1
+
+
+def test_upload_decoding_refuses_what_it_cannot_read(monkeypatch, nih_sample):
+    from common.images import UnreadableImage
+
+    app = _app_module()
+    data = _image(nih_sample).read_bytes()
+    assert app.decode_upload("x.png", data).shape == (1024, 1024)
+    with pytest.raises(UnreadableImage, match="too large"):
+        app.decode_upload("bomb.png", _bomb_png())
+    monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.01)
+    with pytest.raises(UnreadableImage, match="file too large"):
+        app.decode_upload("x.png", data)
+    if not app._has_pydicom():
+        with pytest.raises(UnreadableImage, match="pip install pydicom"):
+            app.decode_upload("x.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64)
+
+
 def test_no_run_says_how_to_make_one(monkeypatch, tmp_path):
     at = _app(monkeypatch, tmp_path / "empty")
     text = " ".join(i.value for i in at.info)
@@ -141,10 +194,12 @@ def test_first_use_exports_and_a_vit_gradcam_says_it_uses_torch(monkeypatch, tmp
     root = tmp_path / "runs"
     run = create_untrained_run(root / "vit", "test_vit", image_size=32)
     at = _app(monkeypatch, root)
+    assert not at.error, [e.value for e in at.error]
     assert (run / "export" / "model.onnx").is_file()  # exported on first use, in a subprocess
     image = _image(nih_sample, 4)
     _upload(at, image.name, image.read_bytes())
-    assert not at.error and len(at.dataframe[0].value) == len(LABELS)
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.dataframe[0].value) == len(LABELS)
     assert any("needs torch" in c.value for c in at.caption)
 
 
