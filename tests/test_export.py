@@ -89,6 +89,21 @@ def test_int8_is_static_qdq_and_close_to_fp32(cnn_export, nih_sample):
     assert not np.array_equal(p8, p32)  # really a different (quantised) model
 
 
+def test_int8_falls_back_to_dynamic_quantisation_when_static_fails(tmp_path, nih_sample, monkeypatch):
+    import onnxruntime.quantization as q
+
+    def static_fails(*args, **kwargs):  # an architecture static quantisation cannot handle
+        raise RuntimeError("no QDQ support for this operator")
+
+    monkeypatch.setattr(q, "quantize_static", static_fails)
+    run = create_untrained_run(tmp_path / "run", "test_efficientnet", image_size=32)
+    out = export_onnx(run, int8=True, calibration_images=nih_sample / "images", n_calibration=4, log=lambda m: None)
+    report = json.loads((out / "model.json").read_text())["int8"]
+    assert report["method"] == "dynamic" and "no QDQ support" in report["static_error"]
+    probs = OnnxPredictor(out, int8=True).predict_proba(_images(nih_sample, 2))
+    assert probs.shape == (2, len(LABELS)) and np.isfinite(probs).all()
+
+
 def test_int8_needs_calibration_images(tmp_path):
     run = create_untrained_run(tmp_path / "run", "test_efficientnet", image_size=32)
     with pytest.raises(ExportError, match="--calibration"):
