@@ -59,6 +59,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("transformer", "transformer/transformer.ipynb", "the two stages with a ViT"),
     Notebook("backbone_ablation", "notebooks/backbone_ablation.ipynb", "VGG, ResNet, DenseNet, CSPDarkNet, EfficientNet, ViT, ConvNeXt"),
     Notebook("freeze_ablation", "notebooks/freeze_ablation.ipynb", "nothing / early stages / all but the head frozen"),
+    Notebook("compression", "notebooks/compression.ipynb", "int8 / pruning / distillation: size, speed and AUROC in one table"),
     Notebook("results", "notebooks/results.ipynb", "every table, ROC curves, training curves, CheXNet comparison"),
 )
 
