@@ -263,7 +263,9 @@ def test_run_from_a_real_fit_predicts_and_exports(nih_sample, tmp_path, capsys):
     tuned = json.loads((run / "thresholds.json").read_text())
     torch_pred = load_predictor(run)
     assert torch_pred.thresholds == pytest.approx({k: tuned[k] for k in torch_pred.labels})
-    export = export_onnx(run, log=lambda m: None)
+    export = export_onnx(run, int8=True, log=lambda m: None)  # int8 calibrated on the run's dev split
+    dev_images = json.loads((run / "config.json").read_text())["split"]["dev"]
+    assert json.loads((export / "model.json").read_text())["int8"]["n_calibration"] == dev_images > 0
     images = [Path(p) for p in sorted((data / "images").iterdir())[:4]]
     onnx_pred = load_predictor(export)
     np.testing.assert_allclose(onnx_pred.predict_proba(images), torch_pred.predict_proba(images), atol=1e-4)
