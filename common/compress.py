@@ -5,7 +5,10 @@
     compress.prune_run("runs/all14", "runs/all14-prune50", sparsity=0.5)   # a run dir, fine-tuned
     compress.distill_run("runs/all14", "runs/all14-student",
                          student="mobilenetv3_small_100", student_image_size=160)   # a run dir
-    table = compress.measure_table(compress.variants_for(...), out_dir=...)
+    rows = compress.measure_table(compress.variants_for({"efficientnet_b0": "runs/all14"},
+                                                        pruned_runs=["runs/all14-prune50"],
+                                                        student_runs=["runs/all14-student"]))
+    print(compress.table_markdown(rows))                  # notebooks: compression_experiment(...)
 
 - int8: ONNX Runtime static QDQ quantisation with per-channel weights, calibrated on dev-split
   images, dynamic quantisation as the fallback: `common.export` does it; the result is an export
@@ -37,13 +40,13 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from common import runs
-from common.labels import LABELS, TASKS
+from common.labels import TASKS
 
 COMPRESSION_JSON = "compression.json"
 DISTILL_LOSS_CSV = "distill_loss.csv"
@@ -572,9 +575,10 @@ def time_shares(model_file: str | os.PathLike, x: np.ndarray, threads: int = 2, 
     """Where a model's time goes on ONNX Runtime's CPU kernels (from its profiler), as shares of the total.
 
     "dense": convolutions and matrix products that int8 kernels accelerate; "depthwise": depthwise /
-    grouped convolutions (memory-bound, not accelerated); "qdq": quantise / dequantise steps;
-    "other": activations, squeeze-excite products, pooling, adds, layout changes. "top": the three
-    most expensive op types. Depthwise convolutions are told apart by their weight shape, which int8
+    grouped k x k convolutions (memory-bound, not accelerated); "qdq": quantise / dequantise steps;
+    "other": activations, squeeze-excite products, BatchNorms (which ONNX Runtime may run as 1 x 1
+    per-channel convolutions), pooling, concatenation, layout changes. "top": the three most
+    expensive op types. Depthwise convolutions are told apart by their weight shape, which int8
     kernels hide (pre-packed), so in an int8 model they count as "dense".
     """
     import tempfile
@@ -604,7 +608,10 @@ def time_shares(model_file: str | os.PathLike, x: np.ndarray, threads: int = 2, 
             shapes = [next(iter(t.values())) for t in args.get("input_type_shape") or [] if t]
             weight = shapes[1] if len(shapes) > 1 else []
             grouped = len(weight) == 4 and weight[1] == 1 and weight[0] > 1 and op not in ("QLinearConv", "ConvInteger")
-            totals["depthwise" if grouped else "dense"] += dur
+            if grouped and weight[2] * weight[3] == 1:
+                totals["other"] += dur  # a per-channel scale + shift: a BatchNorm ONNX Runtime runs as a conv
+            else:
+                totals["depthwise" if grouped else "dense"] += dur
         elif op in _GEMM_OPS:
             totals["dense"] += dur
         elif op in _QDQ_OPS:
@@ -1100,8 +1107,10 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
     if speed_at_224 and not prof.smoke:
         calib = list(calibration_images) or split.paths[:32]
         with tempfile.TemporaryDirectory(prefix="compress-224-") as tmp:
+            # no pruned copies here: the trained table shows what pruning does (bench/ has them at 224)
             speed_rows = measure_table(random_init_variants(tmp, ["resnet50", "densenet121", "efficientnet_b0",
-                                                                  "mobilenetv3_large_100"], 224, student, 160, calib),
+                                                                  "mobilenetv3_large_100"], 224, student, 160, calib,
+                                                            prune_model_name=None),
                                        timing_images=split.paths[:20], threads=threads, score=False, rounds=2,
                                        progress=progress)
         exp.tables.append(ex.Table(ex.title(f"Size and speed at 224 px, random initialisation (batch 1, {threads} CPU "

@@ -370,3 +370,25 @@ def test_check_targets_and_speed_notes_on_known_rows():
 def test_compress_module_imports_no_torch():
     code = "import sys, common.compress; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cached_compress_reuses_only_finished_outputs(tmp_path: Path):
+    source = tmp_path / "all14-efficientnet_b0-abc"
+    made = []
+
+    def make(out: Path) -> Path:
+        made.append(out)
+        runs.save_json(out / compress.EXPORT_DIR / "model.json", {})
+        if len(made) > 1:  # the first attempt is "interrupted": no compression.json
+            runs.save_json(out / compress.COMPRESSION_JSON, {"method": "prune"})
+        return out
+
+    params = {"sparsity": 0.5, "structured": False}
+    first, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    assert not reused and first.name.startswith("all14-efficientnet_b0-abc--prune-")
+    again, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    assert again == first and not reused and len(made) == 2  # unfinished: made again
+    third, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    assert third == first and reused and len(made) == 2
+    other, _ = compress.cached_compress("prune", source, {**params, "sparsity": 0.7}, tmp_path, make)
+    assert other != first  # other knobs, another run
