@@ -245,9 +245,10 @@ def export_model(
         got = sess.run(["logits"], {"image": x})[0]
         diff = float(np.abs(got - ref).max())
         if not np.isfinite(diff) or diff > PARITY_ATOL:
+            name = getattr(model, "build_kwargs", {}).get("model_name", "this model")
             raise ExportError(
                 f"{out / FP32}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_ATOL}); the export is "
-                f"not faithful for {model.build_kwargs.get('model_name', 'this model')} with the {exporter} "
+                f"not faithful for {name} with the {exporter} "
                 "exporter. Try another --opset, or report the model name.")
         os.replace(tmp, out / FP32)
     finally:
