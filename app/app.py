@@ -23,7 +23,7 @@ import numpy as np
 import streamlit as st
 
 from common.images import MAX_PIXELS, UnreadableImage, read_grayscale
-from common.onnx_predict import OnnxModelError, OnnxPredictor, resolve_export_dir
+from common.onnx_predict import OnnxModelError, OnnxPredictor, is_stale, resolve_export_dir
 from common.predict import ONNX_META
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,15 +88,18 @@ def describe(path: Path) -> str:
 
 
 def ensure_export(path: Path) -> Path:
-    """The model's ONNX export folder, made once (in a separate process, so torch stays out of here)."""
+    """The run's ONNX export folder, made on first use or when the run's weights are newer (in a
+    separate process, so torch stays out of here)."""
     try:
-        return resolve_export_dir(path)
+        export = resolve_export_dir(path)
+        if not ((path / "config.json").is_file() and is_stale(export)):
+            return export
     except OnnxModelError:
         if not (path / "config.json").is_file():
             raise
     # what `medimaging export --run RUN` does, without building the whole CLI
     cmd = [sys.executable, "-c", "import sys; from common.export import export_onnx; export_onnx(sys.argv[1])", str(path)]
-    with st.spinner(f"First use of this run: exporting it to ONNX (`medimaging export --run {path}`), once..."):
+    with st.spinner(f"Exporting this run to ONNX (`medimaging export --run {path}`): first use or new weights..."):
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])

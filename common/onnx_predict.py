@@ -70,6 +70,17 @@ def session_options(threads: int | None = None):
     return so
 
 
+def is_stale(export_dir: str | os.PathLike) -> bool:
+    """True when the run this export was made from has newer weights (retrained since the export)."""
+    export_dir = Path(export_dir)
+    try:
+        run_dir = json.loads((export_dir / ONNX_META).read_text()).get("run_dir")
+        weights = Path(run_dir) / "best.safetensors" if run_dir else None
+        return bool(weights and weights.is_file() and weights.stat().st_mtime > (export_dir / FP32).stat().st_mtime)
+    except (OSError, ValueError):
+        return False
+
+
 OPT_CACHE = ".ort-optimized"  # machine-specific optimised models, beside the export
 
 
@@ -164,6 +175,7 @@ class OnnxPredictor(Predictor):
                                  + (f" (run: {meta.get('run_dir')})" if meta.get("run_dir") else ""))
         self.model_file = model_file
         self.session, self.optimized_file = open_session(model_file, threads, cache=cache)
+        self.stale = is_stale(self.source)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._head: _NumpyHead | None = None

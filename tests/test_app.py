@@ -199,6 +199,12 @@ def test_first_use_exports_and_a_vit_gradcam_says_it_uses_torch(monkeypatch, tmp
     image = _image(nih_sample, 4)
     _upload(at, image.name, image.read_bytes())
     assert not at.error, [e.value for e in at.error]
+    # retrained in place (newer weights): the next visit re-exports instead of serving the old model
+    first = (run / "export" / "model.onnx").stat().st_mtime
+    weights = run / "best.safetensors"
+    os.utime(weights, (first + 1, first + 1))
+    _app(monkeypatch, root)
+    assert (run / "export" / "model.onnx").stat().st_mtime > first + 1  # re-exported after the new weights
     assert len(at.dataframe[0].value) == len(LABELS)
     assert any("needs torch" in c.value for c in at.caption)
 

@@ -187,6 +187,20 @@ def test_onnx_predictions_match_torch(predictor, export_dir, nih_sample):
     assert load_predictor(predictor.source, onnx=True).source == export_dir
 
 
+def test_cli_warns_when_the_export_is_older_than_the_runs_weights(run_dir, export_dir, nih_sample, capsys):
+    weights = run_dir / "best.safetensors"
+    before = weights.stat()
+    exported = (export_dir / "model.onnx").stat().st_mtime
+    os.utime(weights, (exported + 5, exported + 5))  # retrained after the export
+    try:
+        assert cli(["predict", str(_images(nih_sample, 1)[0]), "--run", str(run_dir), "--onnx", "--json"]) == 0
+        assert "re-export with `medimaging export --run" in capsys.readouterr().err
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cli(["predict", str(_images(nih_sample, 1)[0]), "--run", str(run_dir), "--onnx", "--json"]) == 0
+    assert "re-export" not in capsys.readouterr().err
+
+
 def test_optimised_graph_cache_gives_the_same_predictions(export_dir, nih_sample, tmp_path):
     import shutil
 

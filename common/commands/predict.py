@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"medimaging predict: {err}", file=sys.stderr)
         return 2
 
+    if getattr(predictor, "stale", False):
+        print(f"warning: {predictor.source} is older than its run's weights; re-export with "
+              f"`medimaging export --run {predictor.meta.get('run_dir')}`", file=sys.stderr)
     files, bad = expand_inputs(args.inputs)
     for path, reason in bad:
         print(f"warning: {path}: {reason}; skipped", file=sys.stderr)
