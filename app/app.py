@@ -87,16 +87,22 @@ def describe(path: Path) -> str:
     return f"{path.name} - {model}, {n} finding{'s' if n != 1 else ''}, {when}" + (" (SYNTHETIC data)" if info.get("synthetic") else "")
 
 
-def ensure_export(path: Path) -> Path:
-    """The run's ONNX export folder, made on first use or when the run's weights are newer (in a
-    separate process, so torch stays out of here)."""
+def needs_export(path: Path) -> bool:
+    """A run without an export, or whose weights are newer than its export (retrained in place)."""
     try:
         export = resolve_export_dir(path)
-        if not ((path / "config.json").is_file() and is_stale(export)):
-            return export
     except OnnxModelError:
         if not (path / "config.json").is_file():
             raise
+        return True
+    return (path / "config.json").is_file() and is_stale(export)
+
+
+def ensure_export(path: Path) -> Path:
+    """The run's ONNX export folder, made on first use or when the run's weights are newer (in a
+    separate process, so torch stays out of here)."""
+    if not needs_export(path):
+        return resolve_export_dir(path)
     # what `medimaging export --run RUN` does, without building the whole CLI
     cmd = [sys.executable, "-c", "import sys; from common.export import export_onnx; export_onnx(sys.argv[1])", str(path)]
     with st.spinner(f"Exporting this run to ONNX (`medimaging export --run {path}`): first use or new weights..."):
