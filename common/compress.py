@@ -714,7 +714,8 @@ def measure_table(
         if run_key not in stats_cache:
             stats_cache[run_key] = model_stats(v.run_dir)
         stats = stats_cache[run_key]
-        ensure_export(v.run_dir, int8=v.int8, log=log)
+        # one export per run, with int8 when any row of that run needs it
+        ensure_export(v.run_dir, int8=any(w.int8 for w in variants if Path(w.run_dir) == Path(v.run_dir)), log=log)
         from common.onnx_predict import FP32, INT8
 
         report = read_report(v.run_dir) or {}
