@@ -73,7 +73,9 @@ QUICK_MODELS: dict[str, str] = {
     "tf_efficientnet_b4_ns": "efficientnet_b0",
     "efficientnet_b0": "efficientnet_b0",
     STUDY_VIT: "vit_tiny_patch16_224",
-    "vgg16_bn": "vgg11_bn",
+    # timm's smallest VGG (vgg11_bn) carries a 4096-wide 7x7 classifier block of 102M weights that
+    # alone trains at ~10 images/s on 2 cores; RepVGG-A0 is the VGG-style plain 3x3 stack at 8M.
+    "vgg16_bn": "repvgg_a0",
     "resnet50": "resnet18",
     "densenet121": "densenet121",
     "cspdarknet53": "cs3darknet_s",
@@ -263,7 +265,7 @@ class DataSpec:
             if d is None:
                 continue
             ds = load_data(d)
-            parts.append(f"{role} = {d} ({ds.layout} layout, {len(ds.frame)} images, "
+            parts.append(f"{role} = {display_path(d)} ({ds.layout} layout, {len(ds.frame)} images, "
                          f"{ds.frame['patient_id'].nunique()} patients)")
         text = "; ".join(parts) or "no data"
         return f"SYNTHETIC (the suite's generated default) - {text}" if self.synthetic else text
@@ -308,6 +310,19 @@ def resolve_data(data_full: str | Path | None = None, data_cardiomegaly: str | P
         cardio = find_default_dir("dataset_cardiomegaly").resolve()
     specs = [load_data(p) for p in (full, cardio) if p is not None]  # a clear error for a bad folder
     return DataSpec(full, cardio, any(bool(getattr(s, "is_synthetic", False)) for s in specs))
+
+
+def display_path(path: str | Path) -> str:
+    """A data folder as table headers show it: relative to the checkout when it sits beside it
+    (../shared/data/nih-sample), under ~ when in the home folder, else absolute."""
+    p = Path(path).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    rel = os.path.relpath(p, repo)
+    if not rel.startswith(os.pardir + os.sep + os.pardir):
+        return rel
+    with contextlib.suppress(ValueError, RuntimeError):
+        return "~/" + str(p.relative_to(Path.home()))
+    return str(p)
 
 
 def title(text: str, synthetic: bool) -> str:
@@ -918,18 +933,23 @@ def backbone_ablation(backbones: Sequence[str] | Sequence[tuple[str, str]] | Non
     s = _setup(profile, smoke, data_full, data_cardiomegaly, runs_dir, image_size, epochs, batch_size, lr, head, seed)
     exp = Experiment("backbone_ablation", "Backbone ablation: all 14 labels, same recipe", _profile_label(s), s.data)
     chosen = _choose_backbones(backbones)
-    rows, per_label = [], {}
-    first = None
+    # rows whose backbones this profile trains as the same model share one run, and one table row
+    groups: dict[Path, list[tuple[str, str]]] = {}
     for row_name, timm_name in chosen:
         run = _stage2(s, timm_name, None, row_name)
         exp.runs[row_name] = run
+        groups.setdefault(run.run_dir, []).append((row_name, timm_name))
+    rows, per_label = [], {}
+    first = None
+    for members in groups.values():
+        row_name = " / ".join(r for r, _ in members)
+        run = exp.runs[members[0][0]]
         m = run.metrics()
         first = first or m
         per_label[row_name] = m.get("auroc", {})
-        weights = _weights_millions(run)
-        rows.append({"Backbone": row_name, "Named": timm_name, "Trained (this profile)": run.model_name,
-                     "Weights (M)": num(weights, 1), "Train images/s": _train_speed(run),
-                     **model_row(m, "Backbone", row_name)})
+        rows.append({"Backbone": row_name, "Named": ", ".join(t for _, t in members),
+                     "Trained (this profile)": run.model_name, "Weights (M)": num(_weights_millions(run), 1),
+                     "Train images/s": _train_speed(run), **model_row(m, "Backbone", row_name)})
     rows.append({"Backbone": "Trivial baselines", "Named": "", "Trained (this profile)": "", "Weights (M)": "",
                  "Train images/s": "", **baseline_row(first, "Backbone")})
     rows.append({"Backbone": "CheXNet (published)", "Named": "densenet121", "Trained (this profile)":
@@ -940,8 +960,13 @@ def backbone_ablation(backbones: Sequence[str] | Sequence[tuple[str, str]] | Non
                                   "AUPRC": "Test mean AUPRC"})
     mapped = [f"{n} -> {run.model_name}" for n, run in ((t, exp.runs[r]) for r, t in chosen) if run.model_name != n]
     note = (f"Profile {s.profile.name}: " + ("each named backbone is trained as its listed small variant ("
-            + "; ".join(mapped) + "). " if mapped else "every backbone trained as named. ")
-            + "The study named VGG, ResNet, DarkNet and ViT 'all below EfficientNet' without numbers.")
+            + "; ".join(mapped) + "); backbones trained as the same model share a row. " if mapped
+            else "every backbone trained as named. ")
+            + ("VGG: RepVGG-A0 (VGG-style plain 3x3 stack) stands in for VGG-16, because timm's smallest VGG "
+               "has a 102M-weight classifier block that alone exceeds this profile's CPU budget. "
+               if "repvgg_a0" in [r.model_name for r in exp.runs.values()] else "")
+            + "Random initialisation unless the profile loads hub weights. The study named VGG, ResNet, DarkNet "
+              "and ViT 'all below EfficientNet' without numbers.")
     exp.tables.append(Table(exp.title_for("Backbone ablation: all 14 labels, test split"), frame, note))
     auroc = pd.DataFrame({r: {lab: num(v) for lab, v in aurocs.items()} for r, aurocs in per_label.items()})
     auroc.insert(0, "Label", auroc.index)
@@ -957,10 +982,14 @@ def plot_backbones(exp: Experiment):
     fig = _figure(10, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     names, vals, err = [], [], []
+    groups: dict[Path, list[str]] = {}
     for role, run in exp.runs.items():
+        groups.setdefault(run.run_dir, []).append(role)
+    for roles in groups.values():
+        run = exp.runs[roles[0]]
         m = run.metrics()
         v, ci = m.get("mean_auroc"), m.get("mean_auroc_ci")
-        names.append(f"{role}\n({run.model_name})")
+        names.append(f"{' / '.join(roles)}\n({run.model_name})")
         vals.append(np.nan if v is None else v)
         err.append([v - ci[0], ci[1] - v] if (v is not None and ci) else [0, 0])
     x = np.arange(len(names))
@@ -1198,7 +1227,11 @@ def plot_curves(runs_: Mapping[str, RunRef], ttl: str):
     """Training curves of several runs: train / dev loss and dev mean AUROC per epoch."""
     fig = _figure(12, 4)
     axes = [fig.add_subplot(1, 2, i) for i in (1, 2)]
+    seen = set()
     for i, (role, run) in enumerate(runs_.items()):
+        if run.run_dir in seen:  # two roles of one run (e.g. backbones a profile trains alike)
+            continue
+        seen.add(run.run_dir)
         h = run.history()
         if h.empty:
             continue
@@ -1209,8 +1242,11 @@ def plot_curves(runs_: Mapping[str, RunRef], ttl: str):
     axes[0].set_title("loss (masked BCE)")
     axes[1].set_title("dev mean AUROC")
     axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="x-small")
     fig.suptitle(ttl)
     fig.tight_layout()

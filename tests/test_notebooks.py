@@ -17,6 +17,7 @@ from common.reproduce import NOTEBOOKS, reproduce, write_tables_md
 
 REPO = Path(__file__).resolve().parents[1]
 REPRODUCE_PARAMETERS = ("Profile", "Smoke", "DataFull", "DataCardiomegaly", "OutDir", "RunsDir")
+REQUIRED_PARAMETERS = ("OutDir",)  # every notebook writes where reproduce says; the rest where relevant
 TRAINER_NOTEBOOKS = {"single_task", "multi_task", "transformer"}
 # Text that means a notebook grew its own training loop, dataset, metric or path hack.
 FORBIDDEN = (".backward(", "optimizer.step", "optim.", "roc_auc_score", "sklearn", "DataLoader", "Dataset(",
@@ -57,9 +58,14 @@ def notebook_problems(path: Path) -> list[str]:
         if "  # " not in line:
             problems.append(f"parameter {node.targets[0].id} has no `  # help` comment")
         names[node.targets[0].id] = line
-    missing = [p for p in REPRODUCE_PARAMETERS if p not in names]
+    missing = [p for p in REQUIRED_PARAMETERS if p not in names]
     if missing:
         problems.append(f"parameters cell lacks {missing} (medimaging reproduce passes them)")
+    trains = any(w in c.source for c in cells for w in ("trainer.run(", "experiments.", "compress."))
+    if trains:
+        missing = [p for p in REPRODUCE_PARAMETERS if p not in names]
+        if missing:
+            problems.append(f"parameters cell lacks {missing}: a notebook that trains takes them all")
     for i, cell in enumerate(cells):
         source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
         for node in ast.walk(ast.parse(source)):
@@ -185,7 +191,7 @@ def test_every_notebook_runs_on_the_synthetic_default(smoke_synthetic):
 def test_every_notebook_runs_on_the_real_nih_sample(smoke_real, nih_sample):
     result, _ = smoke_real
     text = _check_outputs(result, synthetic=False)
-    assert f"dataset_full = {nih_sample} (nih layout, 400 images, 400 patients)" in text
+    assert f"dataset_full = {experiments.display_path(nih_sample)} (nih layout, 400 images, 400 patients)" in text
     assert "(cardiomegaly layout, 577 images" in text
     records = _records(result.out)
     # every backbone row and freezing variant is there, the quick mapping said in the table

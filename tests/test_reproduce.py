@@ -20,12 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_kernel_runs_this_interpreter():
     from jupyter_client.kernelspec import KernelSpecManager
 
-    before = os.environ.get("JUPYTER_PATH")
+    before = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "OMP_WAIT_POLICY")}
     with rep.python_kernel() as name:
         spec = KernelSpecManager().get_kernel_spec(name)
         assert spec.argv[0] == sys.executable
         assert spec.argv[1:3] == ["-m", "ipykernel_launcher"]
-    assert os.environ.get("JUPYTER_PATH") == before
+        if before["OMP_WAIT_POLICY"] is None:
+            assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # kernels inherit it
+    assert {k: os.environ.get(k) for k in before} == before
 
 
 def test_the_notebook_table_is_ordered_and_complete():
@@ -241,10 +243,12 @@ def test_saved_experiments_are_collected_into_tables_md(tmp_path, cardiomegaly_6
     other.tables.append(experiments.Table("Third", pd.DataFrame({"z": [3]})))
     other.save(tmp_path)
     assert list(experiments.load_experiments(tmp_path)) == ["single_task", "compression"]
-    text = rep.write_tables_md(tmp_path).read_text()
+    (tmp_path / "tables" / "localisation.md").write_text("| a |\n|---|\n| 1 |\n")  # a plain table, no record
+    text = rep.write_tables_md(tmp_path, profile="quick").read_text()
+    assert text.index("### Third") < text.index("## localisation") and "| 1 |" in text
     assert text.index("### First") < text.index("### Second") < text.index("### Third")
-    assert text.count("- Data: dataset_cardiomegaly = ") == 3 and text.count("- Profile: quick") == 3
-    assert text.count("- Commit: ") == 3 and text.count("- Date: ") == 3
+    assert text.count("- Data: dataset_cardiomegaly = ") == 3 and text.count("- Profile: quick") == 4
+    assert text.count("- Commit: ") == 4 and text.count("- Date: ") == 4
     assert "a note" in text
 
 
