@@ -876,8 +876,9 @@ def check_targets(rows: Sequence[dict], teacher: str | None = None) -> list[dict
     """The issue's targets, each with what was measured and whether it is met (None: not measurable).
 
     int8 >= 3x smaller than fp32 for every backbone; >= 2.5x faster for ResNet-50; mean AUROC
-    lower by <= 0.01. The best compressed model >= 3x faster model-only than the fp32 `teacher`
-    row (default: the EfficientNet-B0 fp32 row) with mean AUROC lower by <= 0.02.
+    lower by <= 0.01. The best compressed model (the fastest whose mean AUROC is at most 0.02 below
+    the fp32 `teacher` row, default: the EfficientNet-B0 fp32 row) >= 3x faster model-only; when
+    the fastest compressed model of all is another one, it is listed too, with its AUROC cost.
     """
     by_name = {r["name"]: r for r in rows}
     out = []
@@ -897,19 +898,26 @@ def check_targets(rows: Sequence[dict], teacher: str | None = None) -> list[dict
                         and r["backbone"].split(".")[0] == "efficientnet_b0"), None)
     t = by_name.get(teacher) if teacher else None
     if t is not None:
-        best, best_speed = None, 0.0
+        scored = []
         for r in rows:
             if r["method"] == "fp32" or r["name"] == t["name"]:
                 continue
             d = None if None in (r.get("mean_auroc"), t.get("mean_auroc")) else r["mean_auroc"] - t["mean_auroc"]
-            speed = t["model_ms"] / r["model_ms"]
-            if (d is None or d >= -0.02) and speed > best_speed:
-                best, best_speed = (r, d), speed
-        if best is not None:
-            r, d = best
-            out.append({"target": f"best compressed ({r['name']}) >= 3x faster than {t['name']}",
-                        "measured": best_speed, "met": best_speed >= 3.0})
-            out.append({"target": f"best compressed ({r['name']}) mean AUROC lower by <= 0.02 vs {t['name']}",
+            scored.append((t["model_ms"] / r["model_ms"], d, r))
+        # the best compressed model: the fastest within the AUROC budget; and, when that is another
+        # model, the fastest of all with what it costs, so the trade-off is in plain sight
+        within = [x for x in scored if x[1] is None or x[1] >= -0.02]
+        picks = []
+        if within:
+            picks.append(("best compressed", max(within, key=lambda x: x[0])))
+        if scored:
+            fastest = max(scored, key=lambda x: x[0])
+            if not picks or fastest[2] is not picks[0][1][2]:
+                picks.append(("fastest compressed", fastest))
+        for label, (speed, d, r) in picks:
+            out.append({"target": f"{label} ({r['name']}) >= 3x faster than {t['name']}", "measured": speed,
+                        "met": speed >= 3.0})
+            out.append({"target": f"{label} ({r['name']}) mean AUROC lower by <= 0.02 vs {t['name']}",
                         "measured": d, "met": None if d is None else d >= -0.02})
     return out
 
@@ -1091,14 +1099,18 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
                                                        student_model, reused)
     variants = variants_for(backbone_runs, pruned, [student_run])
     split = split_images(teacher_run, "test")
+    # end-to-end on the largest test files: a full-size radiograph's decode is what serving pays
+    timing = sorted(split.paths, key=lambda f: Path(f).stat().st_size, reverse=True)[:20]
+    timing_size = _image_size_text(timing[0]) if timing else "no image"
     # smoke: the code path only, so fewer timed repeats
     repeats = {"repeats": 5, "e2e_repeats": 5} if prof.smoke else {"repeats": 30, "e2e_repeats": 20}
-    rows = measure_table(variants, timing_images=split.paths[:20], threads=threads, progress=progress, **repeats)
+    rows = measure_table(variants, timing_images=timing, threads=threads, progress=progress, **repeats)
     main_title = table_title(rows, threads).removeprefix("SYNTHETIC DATA - ")
     exp.tables.append(ex.Table(ex.title(main_title, data.synthetic or any(r["synthetic"] for r in rows)),
                                _display_frame(rows, TABLE_COLUMNS), table_note(rows)
                                + f" Teacher of the pruned and distilled rows: {teacher_name}. Test split: "
-                               f"{rows[0]['n_images']} images; end-to-end timed on its image files."))
+                               f"{rows[0]['n_images']} images; end-to-end timed on its {len(timing)} largest image "
+                               f"files (the largest: {timing_size})."))
     # the issue's comparison is with the fp32 EfficientNet-B0 teacher; without such a row, our teacher
     has_b0 = any(r["method"] == "fp32" and r["backbone"].split(".")[0] == "efficientnet_b0" for r in rows)
     checks = check_targets(rows, teacher=None if has_b0 else f"{teacher_name} fp32")
@@ -1107,13 +1119,13 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
                                "sizes and speeds are measured."))
     exp.headline = {"rows": rows, "targets": checks, "teacher": teacher_name}
     if speed_at_224 and not prof.smoke:
-        calib = list(calibration_images) or split.paths[:32]
+        calib = list(calibration_images) or split_images(teacher_run, "dev").paths[:32]
         with tempfile.TemporaryDirectory(prefix="compress-224-") as tmp:
             # no pruned copies here: the trained table shows what pruning does (bench/ has them at 224)
             speed_rows = measure_table(random_init_variants(tmp, ["resnet50", "densenet121", "efficientnet_b0",
                                                                   "mobilenetv3_large_100"], 224, student, 160, calib,
                                                             prune_model_name=None),
-                                       timing_images=split.paths[:20], threads=threads, score=False, rounds=2,
+                                       timing_images=timing, threads=threads, score=False, rounds=2,
                                        progress=progress)
         exp.tables.append(ex.Table(ex.title(f"Size and speed at 224 px, random initialisation (batch 1, {threads} CPU "
                                             "threads; int8 calibrated on this data's images)", data.synthetic),
@@ -1125,6 +1137,13 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
                                    _targets_frame(speed_checks)))
         exp.headline.update(speed_rows=speed_rows, speed_targets=speed_checks)
     return exp
+
+
+def _image_size_text(path: str | os.PathLike) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return f"{im.size[0]}x{im.size[1]} {im.format or 'image'}"
 
 
 def _display_frame(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]):

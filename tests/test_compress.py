@@ -392,3 +392,18 @@ def test_cached_compress_reuses_only_finished_outputs(tmp_path: Path):
     assert third == first and reused and len(made) == 2
     other, _ = compress.cached_compress("prune", source, {**params, "sparsity": 0.7}, tmp_path, make)
     assert other != first  # other knobs, another run
+
+
+def test_check_targets_lists_the_fastest_model_when_it_costs_too_much_auroc():
+    def row(name, method, ms, auroc, baseline=None):
+        return {"name": name, "method": method, "backbone": "efficientnet_b0" if method == "fp32" else "x",
+                "model_ms": ms, "file_mb": 4.0, "mean_auroc": auroc, "baseline": baseline, "int8": method == "int8",
+                "size_x": 4.0 if baseline else None, "speed_x": None, "d_auroc": None}
+
+    rows = [row("b0 fp32", "fp32", 12.0, 0.80), row("b0 int8", "int8", 8.0, 0.795, "b0 fp32"),
+            row("student", "distill", 2.0, 0.70, "b0 fp32")]
+    checks = {c["target"]: c for c in compress.check_targets(rows)}
+    assert checks["best compressed (b0 int8) >= 3x faster than b0 fp32"]["met"] is False  # 1.5x
+    fastest = checks["fastest compressed (student) mean AUROC lower by <= 0.02 vs b0 fp32"]
+    assert fastest["met"] is False and fastest["measured"] == pytest.approx(-0.10)
+    assert checks["fastest compressed (student) >= 3x faster than b0 fp32"]["measured"] == pytest.approx(6.0)
