@@ -15,37 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.commands._types import non_negative_int, open_fraction, positive_float, positive_int
+
 HELP = "compress a run: int8 quantisation, magnitude pruning + fine-tune, or distillation into a smaller model"
 
 METHODS = ("int8", "prune", "distill")
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8")
     g.add_argument("--calibration", metavar="DIR_OR_IMAGE", action="append", default=None,
                    help="calibration images (default: the run's dev-split images)")
-    g.add_argument("--n-calibration", type=_positive_int, default=64, metavar="N",
+    g.add_argument("--n-calibration", type=positive_int, default=64, metavar="N",
                    help="calibration images used (default: 64)")
     g = p.add_argument_group("prune")
-    g.add_argument("--sparsity", type=_fraction, default=None, metavar="S",
+    g.add_argument("--sparsity", type=open_fraction, default=None, metavar="S",
                    help="share of prunable weights (or, --structured, of output channels) set to zero, e.g. 0.5")
     g.add_argument("--structured", action="store_true",
                    help="prune whole conv output channels by their L1/L2 norm instead of single weights")
@@ -71,24 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distill")
     g.add_argument("--student", metavar="NAME", default=None,
                    help="student backbone, any timm name (default: mobilenetv3_small_100)")
-    g.add_argument("--student-image-size", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--student-image-size", type=positive_int, default=None, metavar="N",
                    help="student input side in pixels (default: the teacher's)")
-    g.add_argument("--temperature", type=_positive_float, default=2.0, metavar="T",
+    g.add_argument("--temperature", type=positive_float, default=2.0, metavar="T",
                    help="softens both models' sigmoid outputs in the soft-target term (default: 2)")
     g.add_argument("--alpha", type=float, default=0.5, metavar="A",
                    help="weight of the soft-target term next to the labels' BCE (default: 0.5)")
     g = p.add_argument_group("fine-tune / student training (prune, distill)")
-    g.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--epochs", type=positive_int, default=None, metavar="N",
                    help="prune: default 1; distill: default the teacher's")
-    g.add_argument("--max-steps", type=_non_negative_int, default=None, metavar="N",
+    g.add_argument("--max-steps", type=non_negative_int, default=None, metavar="N",
                    help="stop after N optimiser steps (0 with prune: no fine-tune, score the pruned weights)")
-    g.add_argument("--lr", type=_positive_float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="prune: default a tenth of the run's; distill: default the run's")
-    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="default: the run's")
+    g.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="default: the run's")
     g.add_argument("--data", action="append", metavar="DIR", default=None,
                    help="dataset folder(s) (default: the run's own); the patient split stays the run's")
     g.add_argument("--device", default=None, help="auto, cpu, cuda ... (default: the run's)")
-    g.add_argument("--workers", dest="num_workers", type=_non_negative_int, default=None, metavar="N",
+    g.add_argument("--workers", dest="num_workers", type=non_negative_int, default=None, metavar="N",
                    help="DataLoader workers (default: the run's)")
     g.add_argument("--no-export", dest="export", action="store_false",
                    help="prune / distill: skip the ONNX export (and its sparsity check) of the result")

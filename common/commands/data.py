@@ -15,14 +15,9 @@ import argparse
 import json
 import sys
 
+from common.commands._types import positive_int
+
 HELP = "dataset tools: `summary DIR` (what is there, what is broken) and `synthetic OUT`"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,15 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("summary", help="images, missing rows, unreadable files, patients, positives per label")
     s.add_argument("dirs", nargs="+", metavar="DIR", help="dataset folder(s) in any supported layout (combined)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    s.add_argument("--size", type=_positive_int, default=224,
+    s.add_argument("--size", type=positive_int, default=224,
                    help="decode into the image cache at this size, so training reuses the work (default: 224)")
-    s.add_argument("--workers", type=_positive_int, default=None, help="decoding processes (default: all cores)")
+    s.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
     g = sub.add_parser("synthetic", help="write the deterministic synthetic dataset to a new folder")
     g.add_argument("out", metavar="OUT", help="folder to create (must be empty or absent)")
     g.add_argument("--layout", choices=("nih", "cardiomegaly"), default="nih", help="dataset layout (default: nih)")
-    g.add_argument("--n-images", type=_positive_int, default=None,
+    g.add_argument("--n-images", type=positive_int, default=None,
                    help="number of images (default: 800 for nih, 400 for cardiomegaly)")
-    g.add_argument("--image-size", type=_positive_int, default=256, help="image side in pixels (default: 256)")
+    g.add_argument("--image-size", type=positive_int, default=256, help="image side in pixels (default: 256)")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default: 0)")
     p.set_defaults(_data_parser=p)
 

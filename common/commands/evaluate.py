@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.commands._types import non_negative_int
+
 HELP = "score a predictions CSV (Image Index + one probability per label) against a label file"
 
 IMAGE_COLUMN = "Image Index"
@@ -31,13 +33,6 @@ PROB_PREFIX = "prob_"
 
 class EvaluationError(ValueError):
     """Predictions, labels or thresholds that cannot be evaluated together (the message says why)."""
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate this label (repeatable); each must have a prediction column")
     p.add_argument("--task", choices=sorted(TASKS), default=None,
                    help="evaluate this task's labels (cardiomegaly: Cardiomegaly only; all14: the 14 findings)")
-    p.add_argument("--n-boot", type=_non_negative_int, default=1000, metavar="N", help="bootstrap resamples for AUROC CIs (default: 1000)")
+    p.add_argument("--n-boot", type=non_negative_int, default=1000, metavar="N", help="bootstrap resamples for AUROC CIs (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
 
 

@@ -11,14 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.commands._types import unit_interval
+
 HELP = "Grad-CAM overlay for one image and finding (full resolution, probability in the title)"
-
-
-def _alpha(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default=None, metavar="LABEL",
                    help=f"the finding to explain, one of the run's labels ({', '.join(LABELS)}); default: the most probable")
     p.add_argument("--out", default="heat.png", metavar="PNG", help="output image (default: heat.png)")
-    p.add_argument("--alpha", type=_alpha, default=0.4, help="heatmap opacity in [0, 1] (default: 0.4)")
+    p.add_argument("--alpha", type=unit_interval, default=0.4, help="heatmap opacity in [0, 1] (default: 0.4)")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map (default: jet)")
 
 

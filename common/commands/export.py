@@ -11,14 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.commands._types import positive_int
+
 HELP = "export a run to ONNX (dynamic batch, preprocessing + labels + thresholds beside it); --int8 quantises"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write model.int8.onnx: static QDQ int8, per-channel weights (dynamic if static fails)")
     p.add_argument("--calibration", default=None, metavar="DIR",
                    help="images to calibrate int8 on (default: dev-split images of the run's data)")
-    p.add_argument("--n-calibration", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--n-calibration", type=positive_int, default=64, metavar="N",
                    help="calibration images to use (default: 64)")
-    p.add_argument("--opset", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--opset", type=positive_int, default=None, metavar="N",
                    help="ONNX opset (default: the exporter's, currently 20 with torch's dynamo exporter)")
 
 

@@ -14,14 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.commands._types import positive_int
+
 HELP = "predict the 14 findings for images or folders with a run or its ONNX export"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="predict with ONNX Runtime (RUN/export, or RUN itself if it is an export folder); never imports torch")
     p.add_argument("--int8", action="store_true", help="with --onnx: use the int8 model (model.int8.onnx)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per model call (default: 16)")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per model call (default: 16)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="ONNX Runtime intra-op threads (default: the CPU count)")
     p.add_argument("--device", default="cpu", help="torch device without --onnx (default: cpu)")
 

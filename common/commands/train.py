@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import argparse
 
+from common.commands._types import non_negative_int, positive_int
 from common.train_config import HEADS, TrainConfig
 
 HELP = "train a model (any timm backbone) and write a run directory; rerun to resume"
 
 _D = TrainConfig()  # defaults shown in --help; no torch import here
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,19 +43,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze", type=int, default=_D.freeze, metavar="K",
                    help="freeze the first K backbone stages/blocks (-1: the whole backbone)")
     g.add_argument("--in-chans", type=int, choices=(1, 3), default=_D.in_chans, help="input channels (default: 3)")
-    g.add_argument("--image-size", type=_positive_int, default=_D.image_size, metavar="N",
+    g.add_argument("--image-size", type=positive_int, default=_D.image_size, metavar="N",
                    help=f"input side in pixels (default: {_D.image_size})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=_D.epochs, metavar="N", help=f"(default: {_D.epochs})")
-    g.add_argument("--max-steps", type=_non_negative_int, default=None, metavar="N",
+    g.add_argument("--epochs", type=positive_int, default=_D.epochs, metavar="N", help=f"(default: {_D.epochs})")
+    g.add_argument("--max-steps", type=non_negative_int, default=None, metavar="N",
                    help="stop after N optimiser steps (smoke runs); the run dir is still complete")
-    g.add_argument("--batch-size", type=_positive_int, default=_D.batch_size, metavar="N",
+    g.add_argument("--batch-size", type=positive_int, default=_D.batch_size, metavar="N",
                    help=f"per process (default: {_D.batch_size})")
-    g.add_argument("--grad-accum", type=_positive_int, default=_D.grad_accum, metavar="N",
+    g.add_argument("--grad-accum", type=positive_int, default=_D.grad_accum, metavar="N",
                    help="micro-batches per optimiser step (default: 1)")
     g.add_argument("--lr", type=float, default=_D.lr, help=f"peak learning rate (default: {_D.lr})")
     g.add_argument("--weight-decay", type=float, default=_D.weight_decay, help=f"AdamW (default: {_D.weight_decay})")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=_D.warmup_steps, metavar="N",
+    g.add_argument("--warmup-steps", type=non_negative_int, default=_D.warmup_steps, metavar="N",
                    help=f"linear warmup (default: {_D.warmup_steps}, at most 20%% of the run)")
     g.add_argument("--grad-clip", type=float, default=_D.grad_clip, help="clip the gradient norm (0: off)")
     g.add_argument("--pos-weight", action=argparse.BooleanOptionalAction, default=_D.pos_weight,
@@ -76,18 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=_D.augment,
                    help=f"random affine on train batches (+-{_D.rotate_degrees:g} degrees)")
     g.add_argument("--rotate-degrees", type=float, default=_D.rotate_degrees, help="augmentation rotation range")
-    g.add_argument("--patience", type=_non_negative_int, default=_D.patience, metavar="N",
+    g.add_argument("--patience", type=non_negative_int, default=_D.patience, metavar="N",
                    help=f"early stopping after N epochs without a better dev score, 0: off (default: {_D.patience})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=_D.seed, help=f"split, init, order, augmentation (default: {_D.seed})")
-    g.add_argument("--workers", dest="num_workers", type=_non_negative_int, default=_D.num_workers, metavar="N",
+    g.add_argument("--workers", dest="num_workers", type=non_negative_int, default=_D.num_workers, metavar="N",
                    help=f"DataLoader workers (default: {_D.num_workers})")
     g.add_argument("--device", default=_D.device, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=_D.bf16, help="bf16 autocast on CUDA")
-    g.add_argument("--checkpoint-every", type=_non_negative_int, default=_D.checkpoint_every, metavar="N",
+    g.add_argument("--checkpoint-every", type=non_negative_int, default=_D.checkpoint_every, metavar="N",
                    help=f"write last.pt every N optimiser steps too, 0: epoch ends only (default: {_D.checkpoint_every})")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=_D.eval_batch_size, metavar="N")
-    g.add_argument("--n-boot", type=_non_negative_int, default=_D.n_boot, metavar="N",
+    g.add_argument("--eval-batch-size", type=positive_int, default=_D.eval_batch_size, metavar="N")
+    g.add_argument("--n-boot", type=non_negative_int, default=_D.n_boot, metavar="N",
                    help=f"bootstrap resamples for AUROC intervals (default: {_D.n_boot})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (rerun the command to resume)")
