@@ -697,8 +697,9 @@ def measure_table(
     """Measure every variant; one dict per row, ratios against each row's `baseline` row.
 
     timing_images: PNGs for the end-to-end latency (default: the first run's test images).
-    rounds > 1 repeats the timing and keeps each row's fastest median (the least disturbed
-    by other work on a shared machine). score=False skips AUROC (random-init benchmarks).
+    rounds > 1 times the whole table again (row after row, each in a fresh process) and keeps each
+    row's fastest median: the least disturbed by other work on a shared machine. score=False
+    skips AUROC (random-init benchmarks).
     """
     from tqdm.auto import tqdm
 
@@ -708,8 +709,8 @@ def measure_table(
         raise ValueError(f"variant names must be unique: {names}")
     stats_cache: dict[str, dict] = {}
     split_cache: dict[str, SplitImages] = {}
-    rows = []
-    for v in tqdm(variants, desc="measure", unit="model", disable=not progress):
+    rows, timing = [], []
+    for v in tqdm(variants, desc="export + score", unit="model", disable=not progress):
         run_key = str(Path(v.run_dir).resolve())
         if run_key not in stats_cache:
             stats_cache[run_key] = model_stats(v.run_dir)
@@ -724,25 +725,33 @@ def measure_table(
                **{k: stats[k] for k in ("params", "nonzero_params", "gmacs", "depthwise_share", "image_size")},
                **file_stats(v.export_dir / (INT8 if v.int8 else FP32))}
         if score:
-            key = run_key
-            if key not in split_cache:
-                split_cache[key] = split_images(v.run_dir, "test")
-            split = split_cache[key]
+            if run_key not in split_cache:
+                split_cache[run_key] = split_images(v.run_dir, "test")
+            split = split_cache[run_key]
             row.update(score_served(v.export_dir, v.int8, split, threads=threads, progress=False))
             row["synthetic"] = split.synthetic
-            images = list(timing_images or split.paths[:max(e2e_repeats, 1)])
+            timing.append(list(timing_images or split.paths[:max(e2e_repeats, 1)]))
         else:
             row.update(mean_auroc=None, mean_accuracy=None, n_images=0)
             row["synthetic"] = bool(runs.read_config(v.run_dir).get("synthetic", False))
-            images = list(timing_images or [])
-        # each round in a fresh process; the kernel-time profile only in the first (it costs runs)
-        got = [measure_served(v.export_dir, v.int8, images, threads=threads, repeats=repeats, e2e_repeats=e2e_repeats,
-                              profile=i == 0) for i in range(max(1, rounds))]
-        row.update(model_ms=min(m["model_ms"] for m in got), model_ms_min=min(m["model_ms_min"] for m in got),
-                   e2e_ms=min(m["e2e_ms"] for m in got), peak_rss_mb=max(m["peak_rss_mb"] for m in got),
-                   torch_imported=any(m["torch_imported"] for m in got), time_shares=got[0]["time_shares"])
+            timing.append(list(timing_images or []))
         rows.append(row)
-        log(f"measure: {v.name}: {row['file_mb']:.2f} MB, {row['model_ms']:.1f} ms model, {row['e2e_ms']:.1f} ms "
+    # Timing: whole-table rounds, each row in a fresh process per round, so a burst of other work
+    # on a shared machine hits different rows in different rounds; each row keeps its fastest
+    # round. The kernel-time profile is taken in the first round only (it costs extra runs).
+    got: list[list[dict]] = [[] for _ in rows]
+    total = max(1, rounds) * len(rows)
+    with tqdm(total=total, desc="time", unit="model", disable=not progress) as bar:
+        for i in range(max(1, rounds)):
+            for k, v in enumerate(variants):
+                got[k].append(measure_served(v.export_dir, v.int8, timing[k], threads=threads, repeats=repeats,
+                                             e2e_repeats=e2e_repeats, profile=i == 0))
+                bar.update(1)
+    for row, ms in zip(rows, got):
+        row.update(model_ms=min(m["model_ms"] for m in ms), model_ms_min=min(m["model_ms_min"] for m in ms),
+                   e2e_ms=min(m["e2e_ms"] for m in ms), peak_rss_mb=max(m["peak_rss_mb"] for m in ms),
+                   torch_imported=any(m["torch_imported"] for m in ms), time_shares=ms[0]["time_shares"])
+        log(f"measure: {row['name']}: {row['file_mb']:.2f} MB, {row['model_ms']:.1f} ms model, {row['e2e_ms']:.1f} ms "
             f"end-to-end, {row['peak_rss_mb']:.0f} MB peak RSS"
             + (f", mean AUROC {row['mean_auroc']:.4f}" if row.get("mean_auroc") is not None else ""))
     by_name = {r["name"]: r for r in rows}
@@ -1103,7 +1112,7 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
     timing = sorted(split.paths, key=lambda f: Path(f).stat().st_size, reverse=True)[:20]
     timing_size = _image_size_text(timing[0]) if timing else "no image"
     # smoke: the code path only, so fewer timed repeats
-    repeats = {"repeats": 5, "e2e_repeats": 5} if prof.smoke else {"repeats": 30, "e2e_repeats": 20}
+    repeats = {"repeats": 5, "e2e_repeats": 5} if prof.smoke else {"repeats": 30, "e2e_repeats": 20, "rounds": 2}
     rows = measure_table(variants, timing_images=timing, threads=threads, progress=progress, **repeats)
     main_title = table_title(rows, threads).removeprefix("SYNTHETIC DATA - ")
     exp.tables.append(ex.Table(ex.title(main_title, data.synthetic or any(r["synthetic"] for r in rows)),
