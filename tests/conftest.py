@@ -45,3 +45,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own image cache, so tests never touch a user's cache."""
     cache = tmp_path_factory.getbasetemp() / "medimaging-cache"
     monkeypatch.setenv("MEDIMAGING_CACHE", str(cache))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests run tiny models: on a 2-core machine a second intra-op thread mostly spin-waits
+    (measured 2-3x the CPU time for the same forward/backward), so in-process torch uses one.
+    Subprocesses (torchrun, notebooks, benchmarks) keep their own defaults."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

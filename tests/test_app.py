@@ -27,17 +27,6 @@ APP = REPO / "app" / "app.py"
 THRESHOLDS = {name: 0.35 + 0.02 * i for i, name in enumerate(LABELS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread mostly spin-waits, so use one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _image(nih_sample: Path, i: int = 0) -> Path:
     return sorted((nih_sample / "images").glob("*.png"))[i]
 

@@ -20,17 +20,6 @@ from common.predict import TorchPredictor, create_untrained_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread mostly spin-waits, so use one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _image(nih_sample: Path, i: int = 0) -> Path:
     return sorted((nih_sample / "images").glob("*.png"))[i]
 

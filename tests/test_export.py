@@ -14,17 +14,6 @@ from common.onnx_predict import OnnxModelError, OnnxPredictor
 from common.predict import TorchPredictor, create_untrained_run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread mostly spin-waits, so use one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(nih_sample: Path, n: int, start: int = 0) -> list[Path]:
     return sorted((nih_sample / "images").glob("*.png"))[start:start + n]
 

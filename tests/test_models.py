@@ -34,16 +34,6 @@ FAMILIES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only spin-waits (measured:
-    2-3x the CPU time for the same forward/backward), so these tests use one and restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _linears(model: MedImagingModel) -> list[nn.Linear]:
     return [m for m in model.head.modules() if isinstance(m, nn.Linear)]
 

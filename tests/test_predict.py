@@ -26,17 +26,6 @@ from common.preprocess import resize_gray, to_model_input
 THRESHOLDS = {name: (0.0 if i % 3 == 0 else 1.0 if i % 3 == 1 else 0.5) for i, name in enumerate(LABELS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread mostly spin-waits, so use one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _images(nih_sample: Path, n: int) -> list[Path]:
     return sorted((nih_sample / "images").glob("*.png"))[:n]
 

@@ -23,15 +23,6 @@ METRIC_KEYS = ("n_images", "labels", "n_positive", "auroc", "auroc_ci", "mean_au
                "baseline_all_absent_accuracy", "mean_baseline_all_absent_accuracy")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 cores shared with other jobs: two intra-op threads wait on each other far more than they help
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(out: Path, data: list[Path], **kw) -> TrainConfig:
     """A few-second configuration of the real training path: tiny timm model, 32 px images."""
     base = dict(data=[str(d) for d in data], model_name="test_efficientnet", image_size=32, batch_size=16,
