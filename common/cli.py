@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"common.commands.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"common.commands.{module_name}":
-                raise
-            continue  # a command this checkout does not have yet
+        module = importlib.import_module(f"common.commands.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

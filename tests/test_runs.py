@@ -73,3 +73,9 @@ def test_atomic_writes_make_ordinary_files(tmp_path):
     runs.save_json(tmp_path / "metrics.json", {})
     mode = (tmp_path / "metrics.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~runs._UMASK
+
+
+def test_cli_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "common", "--help"], capture_output=True, text=True, check=True)
+    for name in ("data", "train", "evaluate", "predict", "explain", "export", "compress", "reproduce"):
+        assert name in out.stdout
