@@ -253,9 +253,12 @@ def test_saved_experiments_are_collected_into_tables_md(tmp_path, cardiomegaly_6
 
 
 def test_headline_table_puts_the_study_beside_ours():
-    records = {"single_task": {"headline": {"stage1_accuracy": 0.8, "stage1_auroc": 0.7, "model": "m"}},
-               "multi_task": {"headline": {"stage2_dev_mean_accuracy": 0.9}, "synthetic": True}}
+    records = {"single_task": {"headline": {"stage1_accuracy": 0.8, "stage1_auroc": 0.7, "model": "m",
+                                            "stage1_baseline_accuracy": 0.75}},
+               "multi_task": {"headline": {"stage2_dev_mean_accuracy": 0.9, "stage2_dev_baseline_accuracy": 0.92},
+                              "synthetic": True}}
     t = experiments.headline_table(records)
     md = t.markdown()
     assert t.title.startswith("SYNTHETIC DATA")
-    assert "| 83.95 | 80.00 |" in md and "| 91.82 | 90.00 |" in md and "87.61" in md and "0.841" in md
+    assert "| 83.95 | 80.00 | n/a | 75.00 |" in md and "| 91.82 | 90.00 | n/a | 92.00 |" in md
+    assert "87.61" in md and "0.841" in md and "Trivial baseline" in md
