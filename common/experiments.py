@@ -711,7 +711,16 @@ class _Setup:
     kw: dict  # train_config keyword arguments shared by the experiment's runs
 
 
+def _passive_openmp() -> None:
+    """Let OpenMP threads sleep rather than spin while they wait, when torch is not loaded yet (it
+    reads this once): spinning threads train 10x slower when anything else wants the cores (see
+    common.reproduce.python_kernel, which does the same for notebook kernels)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _setup(profile, smoke, data_full, data_cardiomegaly, runs_dir_, image_size, epochs, batch_size, lr, head, seed) -> _Setup:
+    _passive_openmp()
     prof = get_profile(profile, smoke)
     data = resolve_data(data_full, data_cardiomegaly)
     if not data.dirs():
