@@ -170,6 +170,20 @@ def _cell_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[0] if first else ''}"
 
 
+def notebook_parameters(parameters: dict, nb_dir: Path, root: Path) -> dict:
+    """Paths as the notebook (working directory: its own folder) should see them: relative when
+    they lie in or beside the checkout (../results, ../../shared/data/...), else absolute; so the
+    executed notebooks written to OUT carry no machine-specific paths where avoidable."""
+    beside = root.resolve().parent
+    out = {}
+    for name, value in parameters.items():
+        if isinstance(value, Path):
+            p = value.resolve()
+            value = os.path.relpath(p, nb_dir.resolve()) if p == beside or beside in p.parents else str(p)
+        out[name] = value
+    return out
+
+
 def run_notebook(nb: Notebook, parameters: dict, out: Path, kernel_name: str, root: Path) -> NotebookOutcome:
     """Execute one notebook into OUT/notebooks/<name>.ipynb; errors become the outcome's `error`."""
     import papermill as pm
@@ -224,10 +238,11 @@ def reproduce(
     parameters = {
         "Profile": profile,
         "Smoke": bool(smoke),
-        "DataFull": str(data.full) if data.full else None,
-        "DataCardiomegaly": str(data.cardiomegaly) if data.cardiomegaly else None,
-        "OutDir": str(out),
-        "RunsDir": str(runs),
+        "DataFull": data.full,
+        "DataCardiomegaly": data.cardiomegaly,
+        "OutDir": out,
+        # None lets each notebook find the same default cache itself (no machine path in its copy)
+        "RunsDir": runs if runs_dir is not None else None,
     }
     print(f"reproduce: profile {experiments.get_profile(profile, smoke).name}, data: {data.describe()}", file=sys.stderr)
     print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
@@ -236,7 +251,8 @@ def reproduce(
         bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
         for nb in bar:
             bar.set_postfix_str(nb.name)
-            outcome = run_notebook(nb, parameters, out, kernel_name, root)
+            outcome = run_notebook(nb, notebook_parameters(parameters, (root / nb.path).parent, root), out,
+                                   kernel_name, root)
             result.outcomes.append(outcome)
             status = "ok" if outcome.ok else f"FAILED ({outcome.error})"
             tqdm.write(f"{nb.name}: {status} in {outcome.seconds:.0f} s -> {outcome.output}", file=sys.stderr)

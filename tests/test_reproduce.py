@@ -262,3 +262,13 @@ def test_headline_table_puts_the_study_beside_ours():
     assert t.title.startswith("SYNTHETIC DATA")
     assert "| 83.95 | 80.00 | n/a | 75.00 |" in md and "| 91.82 | 90.00 | n/a | 92.00 |" in md
     assert "87.61" in md and "0.841" in md and "Trivial baseline" in md
+
+
+def test_notebooks_get_paths_relative_to_their_folder_when_beside_the_checkout(tmp_path):
+    root = tmp_path / "work" / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    params = {"OutDir": root / "results", "DataFull": tmp_path / "work" / "shared" / "data" / "nih",
+              "RunsDir": Path("/elsewhere/runs"), "Profile": "quick", "DataCardiomegaly": None}
+    got = rep.notebook_parameters(params, root / "notebooks", root)
+    assert got == {"OutDir": "../results", "DataFull": "../../shared/data/nih", "RunsDir": "/elsewhere/runs",
+                   "Profile": "quick", "DataCardiomegaly": None}
