@@ -1105,7 +1105,7 @@ def dataset_overview(data: DataSpec) -> Table:
     rows = []
     for ds in data.datasets():
         f = ds.frame
-        rows.append({"Dataset": ds.name, "Folder": str(ds.root), "Layout": ds.layout, "Images": len(f),
+        rows.append({"Dataset": ds.name, "Folder": display_path(ds.root), "Layout": ds.layout, "Images": len(f),
                      "Patients": int(f["patient_id"].nunique()), "Rows without an image": ds.rows_without_image,
                      "Official split": ", ".join(f"{k} {v}" for k, v in f["official_split"].value_counts().items()) or "none"})
     return Table(title("Datasets", data.synthetic), pd.DataFrame(rows))
