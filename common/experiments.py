@@ -673,13 +673,14 @@ class Experiment:
         fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         return Image(data=buf.getvalue(), format="png")
 
-    def to_dict(self) -> dict:
+    def to_dict(self, out_dir: str | Path | None = None) -> dict:
+        """A JSON-able record; `out_dir`'s own changes do not make the commit count as dirty."""
         from common.reproduce import git_commit
 
         return {
             "name": self.name, "title": self.title_for(self.title), "profile": self.profile,
             "data": self.data.describe(), "data_spec": self.data.to_dict(), "synthetic": self.synthetic,
-            "commit": git_commit(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "commit": git_commit(exclude=out_dir), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "runs": {k: r.to_dict() for k, r in self.runs.items()}, "tables": [t.to_dict() for t in self.tables],
             "figures": self.figures, "headline": self.headline, "notes": self.notes,
         }
@@ -689,7 +690,7 @@ class Experiment:
         if out_dir is None:
             return None
         path = Path(out_dir) / "tables" / f"{self.name}.json"
-        runfiles.save_json(path, self.to_dict())
+        runfiles.save_json(path, self.to_dict(out_dir))
         return path
 
 

@@ -261,14 +261,21 @@ def reproduce(
 
 
 # ------------------------------------------------------------------------------- tables.md
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The checkout's commit (short hash, "+ uncommitted changes" when dirty), or "unknown"."""
+def git_commit(cwd: str | Path | None = None, exclude: str | Path | None = None) -> str:
+    """The checkout's commit (short hash, "+ uncommitted changes" when dirty), or "unknown".
+
+    `exclude`: a folder whose changes do not count, e.g. the results folder being rewritten now.
+    """
     cwd = Path(cwd) if cwd else Path(__file__).resolve().parents[1]
+    status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    if exclude is not None:
+        rel = os.path.relpath(Path(exclude).resolve(), cwd.resolve())
+        if not rel.startswith(os.pardir):
+            status += ["--", ".", f":(exclude){rel}"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(status, cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head} + uncommitted changes" if dirty else head
@@ -314,7 +321,7 @@ def write_tables_md(out: str | Path, profile: str | None = None) -> Path:
             ]
             if table.get("note"):
                 lines += [table["note"], ""]
-    commit = git_commit() if plain else ""
+    commit = git_commit(exclude=out) if plain else ""
     for name, p in plain.items():
         date = _dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
         lines += [f"## {name}", "", "- Data: as stated in the table's title",

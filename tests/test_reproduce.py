@@ -272,3 +272,26 @@ def test_notebooks_get_paths_relative_to_their_folder_when_beside_the_checkout(t
     got = rep.notebook_parameters(params, root / "notebooks", root)
     assert got == {"OutDir": "../results", "DataFull": "../../shared/data/nih", "RunsDir": "/elsewhere/runs",
                    "Profile": "quick", "DataCardiomegaly": None}
+
+
+def test_commit_ignores_the_results_folder_being_rewritten(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+
+    def run(*args):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+    run("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "results" / "tables.md").write_text("old\n")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    clean = rep.git_commit(repo)
+    assert clean and "uncommitted" not in clean
+    (repo / "results" / "tables.md").write_text("new\n")
+    assert rep.git_commit(repo).endswith("+ uncommitted changes")
+    assert rep.git_commit(repo, exclude=repo / "results") == clean
+    (repo / "code.py").write_text("x = 2\n")
+    assert rep.git_commit(repo, exclude=repo / "results").endswith("+ uncommitted changes")
