@@ -454,12 +454,13 @@ def cached_fit(config, role: str, requested_model: str, runs: str | Path | None 
     done = run_dir / runfiles.METRICS_JSON
     reused = done.is_file()
     if reused:
-        print(f"{role}: reusing the finished run {run_dir}", file=sys.stderr)
+        print(f"{role}: reusing the finished run {display_path(run_dir)}", file=sys.stderr)
     else:
         with _run_lock(run_dir):
             reused = done.is_file()  # another process may have finished it while we waited
             if not reused:
-                print(f"{role}: training {config.model_name} ({config.task}) into {run_dir}", file=sys.stderr)
+                print(f"{role}: training {config.model_name} ({config.task}) into {display_path(run_dir)}",
+                      file=sys.stderr)
                 fit(dataclasses.replace(config, out=str(run_dir)))
     return RunRef(role, run_dir, requested_model, config.model_name, reused)
 
