@@ -130,12 +130,17 @@ def _check_model_name(model_name: str) -> None:
     raise ValueError(f"model_name={model_name!r} is not a timm model (see timm.list_models()).{hint}")
 
 
-def _hub_host(model_name: str) -> str | None:
-    """The host timm would download `model_name`'s default weights from (None: no weights)."""
+def _pretrained_cfg(model_name: str):
+    """timm's registered pretrained config for `model_name` (with or without a tag), or None."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     arch, tag = split_model_name_tag(model_name)
-    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+    return get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+
+
+def _hub_host(model_name: str) -> str | None:
+    """The host timm would download `model_name`'s default weights from (None: no weights)."""
+    cfg = _pretrained_cfg(model_name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
@@ -149,10 +154,7 @@ def _hub_host(model_name: str) -> str | None:
 
 def _cached_hub_file(model_name: str) -> Path | None:
     """Weights of `model_name` already downloaded (Hugging Face cache or torch hub cache), if any."""
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    arch, tag = split_model_name_tag(model_name)
-    cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+    cfg = _pretrained_cfg(model_name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
