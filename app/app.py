@@ -55,6 +55,17 @@ def runs_roots() -> list[Path]:
     return unique
 
 
+def _stamp(path: Path) -> float:
+    """When a model was made: its config.json (run) or ONNX metadata (export) file's mtime.
+
+    Not the folder's own mtime: exporting a run on first use adds a folder inside it, which
+    would change the label (and the selectbox value) between two reruns of the page."""
+    for name in ("config.json", ONNX_META):
+        if (path / name).is_file():
+            return (path / name).stat().st_mtime
+    return path.stat().st_mtime
+
+
 def find_models(roots: list[Path]) -> list[Path]:
     """Run directories (with weights) and stand-alone export folders under roots, newest first."""
     from common.runs import find_runs
@@ -64,11 +75,11 @@ def find_models(roots: list[Path]) -> list[Path]:
         if not root.is_dir():
             continue
         for run in find_runs(root):
-            found[run.resolve()] = run.stat().st_mtime
+            found[run.resolve()] = _stamp(run)
         for meta in root.rglob(ONNX_META):
             folder = meta.parent.resolve()
             if (folder / "model.onnx").is_file() and not (folder.parent / "config.json").is_file():
-                found[folder] = folder.stat().st_mtime
+                found[folder] = _stamp(folder)
     return sorted(found, key=lambda p: -found[p])
 
 
@@ -83,7 +94,7 @@ def describe(path: Path) -> str:
         return path.name
     model = (info.get("model") or {}).get("model_name", "?")
     n = len(info.get("labels") or [])
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(_stamp(path)))
     return f"{path.name} - {model}, {n} finding{'s' if n != 1 else ''}, {when}" + (" (SYNTHETIC data)" if info.get("synthetic") else "")
 
 

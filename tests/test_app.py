@@ -143,6 +143,19 @@ def test_an_export_older_than_the_runs_weights_is_redone(runs_root, tmp_path):
         app.needs_export(tmp_path)
 
 
+def test_a_runs_label_does_not_change_when_its_export_is_written_later(tmp_path):
+    """The selectbox value must survive the first-use export (it once used the folder's mtime,
+    which the new export/ folder bumps: a page rerun across a minute boundary then failed)."""
+    app = _app_module()
+    run = create_untrained_run(tmp_path / "runs" / "cnn", "test_efficientnet", image_size=32)
+    before = app.describe(run)
+    (run / "export").mkdir()
+    later = time.time() + 3600
+    os.utime(run, (later, later))
+    assert app.describe(run) == before
+    assert app.find_models([tmp_path / "runs"]) == [run.resolve()]
+
+
 def test_no_run_says_how_to_make_one(monkeypatch, tmp_path):
     at = _app(monkeypatch, tmp_path / "empty")
     text = " ".join(i.value for i in at.info)
