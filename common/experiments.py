@@ -100,7 +100,7 @@ class Profile:
     batch_size: int
     lr: float
     warmup_steps: int
-    pretrained: bool  # timm hub weights for the first stage (needs internet)
+    pretrained: bool  # by default, timm hub weights for the first stage (needs internet)
     patience: int  # early stopping on dev mean AUROC
     n_boot: int  # bootstrap resamples for the AUROC 95% intervals
     num_workers: int  # DataLoader workers
@@ -109,6 +109,30 @@ class Profile:
     # torch CPU threads while this profile trains (None: torch's default). Tiny models gain nothing
     # from a second thread and lose much to OpenMP's spin-waiting on a busy machine.
     threads: int | None = None
+    # where first-stage backbones get their weights, overriding `pretrained`: "hub", "none" (random
+    # initialisation) or a folder of downloaded weights (see `common.models.find_local_weights`).
+    # Set by `get_profile(weights=...)`, i.e. `medimaging reproduce --weights` / $MEDIMAGING_WEIGHTS.
+    weights: str | None = None
+
+    def pretrained_for(self, model_name: str) -> bool | str:
+        """`build_model(pretrained=...)` for a backbone this profile trains from scratch."""
+        if self.weights is None:
+            return self.pretrained
+        if self.weights in ("hub", "none"):
+            return self.weights == "hub"
+        from common.models import find_local_weights
+
+        return str(find_local_weights(self.weights, model_name))
+
+    @property
+    def weights_text(self) -> str:
+        source = self.weights or ("hub" if self.pretrained else "none")
+        return {"hub": "timm hub weights", "none": "random initialisation"}.get(source, f"pretrained weights from {source}")
+
+    @property
+    def label(self) -> str:
+        """How tables name the profile: its settings and where the weights came from."""
+        return f"{self.name} ({self.description}; {self.weights_text})"
 
     def model_for(self, name: str) -> str:
         """The timm model this profile trains for a named backbone."""
@@ -125,12 +149,12 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "quick": Profile(
-        "quick", "small real variants at 64 px from random initialisation, 4 epochs (2-core CPU)",
+        "quick", "small real variants at 64 px, 4 epochs (2-core CPU)",
         image_size=64, epochs=4, max_steps=None, batch_size=32, lr=1e-3, warmup_steps=20, pretrained=False,
         patience=0, n_boot=500, num_workers=0, models=QUICK_MODELS,
     ),
     "paper": Profile(
-        "paper", "the study's settings: named backbones at 224 px, timm hub weights, 5 epochs, batch 16, lr 5e-4",
+        "paper", "the study's settings: named backbones at 224 px, 5 epochs, batch 16, lr 5e-4",
         image_size=224, epochs=5, max_steps=None, batch_size=16, lr=5e-4, warmup_steps=100, pretrained=True,
         patience=3, n_boot=1000, num_workers=4,
     ),
@@ -142,15 +166,42 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str | Profile = "quick", smoke: bool = False) -> Profile:
-    """A profile by name; `smoke=True` gives the smoke profile whatever the name."""
+WEIGHTS_ENV = "MEDIMAGING_WEIGHTS"
+
+
+def check_weights(weights: str | Path) -> str:
+    """"hub", "none" or an existing folder (made absolute); anything else is a clear error."""
+    text = str(weights)
+    if text.lower() in ("hub", "none"):
+        return text.lower()
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"weights {text!r}: expected 'hub' (timm's hub, needs internet), 'none' (random "
+                         f"initialisation) or a folder of downloaded weights, one per model (NAME.safetensors "
+                         f"or NAME/); {folder} is not a folder")
+    return str(folder.resolve())
+
+
+def get_profile(name: str | Profile = "quick", smoke: bool = False, weights: str | Path | None = None) -> Profile:
+    """A profile by name; `smoke=True` gives the smoke profile whatever the name.
+
+    weights: "hub", "none" or a folder of downloaded weights, overriding the profile's default for
+    every backbone trained from scratch; None reads $MEDIMAGING_WEIGHTS (what `medimaging reproduce
+    --weights` sets for the notebooks). The smoke profile's tiny test models have no weights: it
+    ignores both.
+    """
     if isinstance(name, Profile):
-        return PROFILES["smoke"] if smoke else name
-    if smoke:
-        return PROFILES["smoke"]
-    if name not in PROFILES:
+        prof = PROFILES["smoke"] if smoke else name
+    elif smoke:
+        prof = PROFILES["smoke"]
+    elif name not in PROFILES:
         raise ValueError(f"profile {name!r}: expected one of {list(PROFILES)}")
-    return PROFILES[name]
+    else:
+        prof = PROFILES[name]
+    weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV) or None
+    if prof.smoke or weights is None:
+        return prof
+    return dataclasses.replace(prof, weights=check_weights(weights))
 
 
 # ------------------------------------------------------------------------------------- knobs
@@ -435,7 +486,7 @@ def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *
     return TrainConfig(
         data=data.dirs(), task=task, model_name=profile.model_for(model_name), head=head,
         # a run that starts from another run's backbone needs no hub download first
-        pretrained=profile.pretrained and init_from is None,
+        pretrained=profile.pretrained_for(profile.model_for(model_name)) if init_from is None else False,
         init_from=str(init_from) if init_from is not None else None, freeze=int(freeze),
         image_size=int(image_size or profile.image_size), epochs=int(epochs or profile.epochs),
         max_steps=profile.max_steps, batch_size=int(batch_size or profile.batch_size), lr=float(lr or profile.lr),
@@ -736,7 +787,7 @@ def _setup(profile, smoke, data_full, data_cardiomegaly, runs_dir_, image_size, 
 
 
 def _profile_label(s: _Setup) -> str:
-    return f"{s.profile.name} ({s.profile.description})"
+    return s.profile.label
 
 
 def _stage1(s: _Setup, model_name: str) -> RunRef:

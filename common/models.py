@@ -278,6 +278,38 @@ def build_model(
     return model
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def find_local_weights(folder: str | Path, model_name: str) -> Path:
+    """The pretrained weights of `model_name` in a folder of downloaded weights (offline machines).
+
+    Looked for in this order, first with the full timm name (`tf_efficientnet_b4.ns_jft_in1k`),
+    then with the architecture alone (`tf_efficientnet_b4`): a file `NAME.safetensors` (or .pth,
+    .pt, .bin), then a folder `NAME/` holding one weights file, e.g. what
+    `hf download timm/NAME --local-dir FOLDER/NAME` writes.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"weights folder {str(root)!r} does not exist (expected one file or folder per "
+                                f"model, e.g. {model_name}.safetensors)")
+    names = list(dict.fromkeys([model_name, model_name.split(".", 1)[0]]))
+    tried: list[str] = []
+    for name in names:
+        for suffix in WEIGHT_SUFFIXES:
+            tried.append(name + suffix)
+            if (root / (name + suffix)).is_file():
+                return root / (name + suffix)
+        tried.append(name + "/")
+        sub = root / name
+        if sub.is_dir() and any(f.suffix in WEIGHT_SUFFIXES and f.is_file() for f in sub.iterdir()):
+            return sub
+    raise FileNotFoundError(
+        f"weights folder {str(root)!r} has no weights for {model_name!r} (looked for {', '.join(tried)}). "
+        f"Download them where there is internet (e.g. `hf download timm/{model_name} --local-dir "
+        f"{root / model_name}`) or train from random initialisation.")
+
+
 def _download_url(url: str) -> Path:
     """Download weights once into torch hub's cache (torch.hub.get_dir()/checkpoints)."""
     name = Path(urlparse(url).path).name or "weights.pth"

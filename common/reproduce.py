@@ -127,6 +127,40 @@ def python_kernel() -> Iterator[str]:
                     os.environ[k] = v
 
 
+def _report_weights_folder(prof) -> None:
+    """Say up front which of the suite's backbones the weights folder covers (a missing one fails
+    only the notebook that trains it, with the file names it looked for)."""
+    from common.experiments import BACKBONES
+
+    found, missing = [], []
+    for _, name in BACKBONES:
+        model = prof.model_for(name)
+        try:
+            prof.pretrained_for(model)
+            found.append(model)
+        except FileNotFoundError:
+            missing.append(model)
+    print(f"reproduce: weights folder {prof.weights}: weights for {', '.join(found) or 'none of the backbones'}"
+          + (f"; none for {', '.join(missing)} (trainings of those fail)" if missing else ""), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """$name = value while the block runs (the notebooks' kernels inherit it); None: unchanged."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 # ----------------------------------------------------------------------------------- running
 @dataclass
 class NotebookOutcome:
@@ -215,12 +249,14 @@ def reproduce(
     only: Sequence[str] | None = None,
     runs_dir: str | Path | None = None,
     progress: bool = True,
+    weights: str | Path | None = None,
 ) -> ReproduceResult:
     """Execute the notebooks (all, or `only` these) and write OUT/tables.md.
 
     Data folders left None mean `dataset_full/` and `dataset_cardiomegaly/` (found from the working
-    directory upwards), or the synthetic default when those are empty. Never raises for a failing
-    notebook: see `ReproduceResult.failed`.
+    directory upwards), or the synthetic default when those are empty. `weights` ("hub", "none" or a
+    folder of downloaded weights) overrides the profile's pretrained weights in every notebook (through
+    $MEDIMAGING_WEIGHTS). Never raises for a failing notebook: see `ReproduceResult.failed`.
     """
     from tqdm.auto import tqdm
 
@@ -229,6 +265,10 @@ def reproduce(
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r}: expected one of {list(PROFILES)}")
     notebooks = select(only)
+    weights = experiments.check_weights(weights) if weights is not None else None
+    prof = experiments.get_profile(profile, smoke, weights)
+    if prof.weights not in (None, "hub", "none"):
+        _report_weights_folder(prof)
     root = repo_root()
     out = Path(out).expanduser().resolve()
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -244,10 +284,10 @@ def reproduce(
         # None lets each notebook find the same default cache itself (no machine path in its copy)
         "RunsDir": runs if runs_dir is not None else None,
     }
-    print(f"reproduce: profile {experiments.get_profile(profile, smoke).name}, data: {data.describe()}", file=sys.stderr)
+    print(f"reproduce: profile {prof.label}, data: {data.describe()}", file=sys.stderr)
     print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
     result = ReproduceResult(out)
-    with python_kernel() as kernel_name:
+    with python_kernel() as kernel_name, _environ(experiments.WEIGHTS_ENV, weights):
         bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
         for nb in bar:
             bar.set_postfix_str(nb.name)
@@ -256,7 +296,7 @@ def reproduce(
             result.outcomes.append(outcome)
             status = "ok" if outcome.ok else f"FAILED ({outcome.error})"
             tqdm.write(f"{nb.name}: {status} in {outcome.seconds:.0f} s -> {outcome.output}", file=sys.stderr)
-    result.tables_md = write_tables_md(out, profile=experiments.get_profile(profile, smoke).name)
+    result.tables_md = write_tables_md(out, profile=prof.name)
     return result
 
 

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", metavar="DIR", default=None,
                         help="the run cache (default $MEDIMAGING_RUNS, else <cache root>/runs); "
                              "finished runs with the same configuration and data are reused")
+    parser.add_argument("--weights", metavar="hub|none|DIR", default=None,
+                        help="pretrained weights of every backbone trained from scratch: hub (timm's hub, "
+                             "needs internet), none (random initialisation) or a folder of downloaded weights, "
+                             "one per model (NAME.safetensors or NAME/). Default: the profile's "
+                             "(quick: none, paper: hub); also $MEDIMAGING_WEIGHTS")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -40,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         result = reproduce(
             profile=args.profile, smoke=args.smoke, data_full=args.data_full,
             data_cardiomegaly=args.data_cardiomegaly, out=args.out, only=args.only,
-            runs_dir=args.runs, progress=not args.no_progress,
+            runs_dir=args.runs, progress=not args.no_progress, weights=args.weights,
         )
     except (ValueError, FileNotFoundError, DatasetError) as err:
         print(f"medimaging reproduce: {err}", file=sys.stderr)
