@@ -23,6 +23,13 @@ them in its own learnable way, loosely after its radiological sign:
     Fibrosis            fine reticular net in the upper and peripheral zones
     Pleural_Thickening  a smooth bright band along the lateral chest wall and an apical cap
 
+The NIH layout also gets NIH's `BBox_List_2017.csv` (same columns and number format) with a box
+where each finding drawn in one place was drawn (`BOXED_FINDINGS`: one per nodule, per effusion
+side, around a pneumonia's opacities, the heart for Cardiomegaly, ...), in the pixels of the image
+itself (NIH's are in its 1024-pixel images), so Grad-CAM localisation can be scored on it. The
+diffuse or bilateral findings (Infiltration, Edema, Emphysema, Fibrosis, Pleural_Thickening) get
+none. The boxes record what is drawn: the images are the same with or without them.
+
 Every dataset folder gets a `SYNTHETIC.json` marker, so `load_dataset` sets `is_synthetic` and
 every table and plot made from it can say SYNTHETIC.
 """
@@ -46,6 +53,11 @@ DEFAULT_SIZES = {"nih": 800, "cardiomegaly": 400}
 # Patient id ranges far above NIH's (1..30805), one per layout, so synthetic patients never
 # collide with real ones or with each other when datasets are combined.
 _PATIENT_BASE = {"nih": 90_000_000, "cardiomegaly": 95_000_000}
+BBOX_CSV = "BBox_List_2017.csv"
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # NIH's header line, verbatim
+# Findings `render` draws in one place, and so records a box for.
+BOXED_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+                  "Consolidation", "Hernia")
 NIH_COLUMNS = (
     "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
     "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
@@ -147,8 +159,38 @@ def _anatomy(rng: np.random.Generator) -> _Anatomy:
     )
 
 
-def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: int = 256) -> np.ndarray:
-    """Draw one synthetic radiograph (uint8, size x size) with the given findings."""
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(x, y, w, h) in pixels of where a soft mask is over one half, or None when it nowhere is."""
+    rows, cols = np.nonzero(mask > 0.5)
+    if not len(rows):
+        return None
+    x0, y0 = int(cols.min()), int(rows.min())
+    return float(x0), float(y0), float(cols.max() + 1 - x0), float(rows.max() + 1 - y0)
+
+
+def _blobs_box(blobs: list[tuple[float, float, float]], size: int) -> tuple[float, float, float, float] | None:
+    """(x, y, w, h) in pixels around round opacities (cx, cy, r in image units) out to their
+    half-amplitude radius r, clipped to the image."""
+    x0 = max(0.0, min(cx - r for cx, _, r in blobs) * size)
+    y0 = max(0.0, min(cy - r for _, cy, r in blobs) * size)
+    x1 = min(float(size), max(cx + r for cx, _, r in blobs) * size)
+    y1 = min(float(size), max(cy + r for _, cy, r in blobs) * size)
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
+def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: int = 256,
+           boxes: list | None = None) -> np.ndarray:
+    """Draw one synthetic radiograph (uint8, size x size) with the given findings.
+
+    boxes: a list to append (finding, x, y, w, h) to, in pixels of this image, for every finding
+    drawn in one place (see `BOXED_FINDINGS`): where its mask is over one half, or a blob out to its
+    half-amplitude radius. Recording them draws nothing and takes no random numbers: the image is
+    the same with or without.
+    """
+    def record(name: str, box: tuple[float, float, float, float] | None) -> None:
+        if boxes is not None and box is not None:
+            boxes.append((name, *box))
+
     g = _grid(size)
     u, v = g.u, g.v
     f = findings
@@ -169,6 +211,7 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
     img = body * (anat.tissue + 0.12 * (1.0 - np.abs(u - cx) / anat.body_w))
 
     lungs, lung_side = [], []
+    atel_lost = None  # the lung the raised hemidiaphragm takes away (part of the Atelectasis box)
     for side in (0, 1):  # 0 = image left (patient's right lung), 1 = image right
         sgn = -1.0 if side == 0 else 1.0
         lcx = cx + sgn * anat.lung_dx
@@ -178,6 +221,8 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
         lat = np.clip((u - lcx) * sgn / hx, -1.0, 1.0)
         dome_v = d - dome_curve * (1.0 - lat ** 2) + 0.03 * np.clip(lat, 0, None)
         under = _sigmoid((dome_v - v) / 0.006)
+        if side == atel_side:
+            atel_lost = ell * (_sigmoid((dome_v + 0.07 - v) / 0.006) - under)
         lungs.append(ell * under)
         lung_side.append(lcx)
     lung = np.maximum(lungs[0], lungs[1])
@@ -215,6 +260,8 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
     heart = _ellipse(g, cx + 0.035, anat.heart_cy + (0.01 if "Cardiomegaly" in f else 0.0), heart_w, heart_h, edge=0.008)
     heart *= _sigmoid((anat.dome + 0.03 - v) / 0.01)  # the anatomical dome: emphysema must not widen it
     img = img * (1 - heart) + heart * (anat.tissue + 0.16)
+    if "Cardiomegaly" in f:
+        record("Cardiomegaly", _mask_box(heart))
     tissue = anat.tissue + 0.12  # the level an opacity (fluid, consolidation) tends to
 
     def opacify(mask: np.ndarray, strength: float) -> None:
@@ -231,21 +278,28 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
             level = dome - rng_find.uniform(0.10, 0.16) - 0.08 * np.clip(lat, 0, 1)  # meniscus rises laterally
             fluid = lungs[side] * _sigmoid((v - level) / 0.012)
             opacify(fluid, 0.9)
+            record("Effusion", _mask_box(fluid))
     if "Nodule" in f:
         for _ in range(int(rng_find.integers(2, 5))):
             side = int(rng_find.integers(2))
             nx = lung_side[side] + rng_find.uniform(-0.6, 0.6) * hx
             ny = anat.lung_cy + rng_find.uniform(-0.6, 0.35) * hy
-            _blob(img, g, nx, ny, rng_find.uniform(0.011, 0.017), 0.28)
+            r = rng_find.uniform(0.011, 0.017)
+            _blob(img, g, nx, ny, r, 0.28)
+            record("Nodule", _blobs_box([(nx, ny, r)], size))  # one box per nodule, as radiologists draw them
     if "Mass" in f:
         side = sides[1]
-        _blob(img, g, lung_side[side] + rng_find.uniform(-0.4, 0.4) * hx,
-              anat.lung_cy + rng_find.uniform(-0.5, 0.2) * hy, rng_find.uniform(0.045, 0.065), 0.30, sharp=4.0)
+        mx = lung_side[side] + rng_find.uniform(-0.4, 0.4) * hx
+        my = anat.lung_cy + rng_find.uniform(-0.5, 0.2) * hy
+        r = rng_find.uniform(0.045, 0.065)
+        _blob(img, g, mx, my, r, 0.30, sharp=4.0)
+        record("Mass", _blobs_box([(mx, my, r)], size))
     if "Pneumothorax" in f:
         side = sides[2]
         sgn = -1.0 if side == 0 else 1.0
         inner = _ellipse(g, lung_side[side] - sgn * 0.02, anat.lung_cy + 0.05, hx * 0.72, (hy + 0.06) * 0.8, edge=0.004)
         rim = lungs[side] * (1.0 - inner)
+        record("Pneumothorax", _mask_box(rim))
         # no lung markings in the rim; darker (air only); a thin bright visceral pleural line
         img -= rim * (lung * markings * vessel * mark_amp + 0.04 * tex + 0.14)
         line = inner * (1 - _ellipse(g, lung_side[side] - sgn * 0.02, anat.lung_cy + 0.05,
@@ -254,6 +308,7 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
     if "Hernia" in f:
         bx, by, br = cx + rng_find.uniform(-0.01, 0.04), anat.heart_cy + rng_find.uniform(0.0, 0.03), rng_find.uniform(0.035, 0.05)
         bubble = _ellipse(g, bx, by, br, br * 0.85, edge=0.004)
+        record("Hernia", _mask_box(bubble))
         gas = bubble * _sigmoid((by + br * 0.2 - v) / 0.003)  # air above the fluid level
         img -= gas * 0.28
         img += (bubble - _ellipse(g, bx, by, br - 0.006, br * 0.85 - 0.006, edge=0.003)) * 0.10
@@ -265,13 +320,19 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
         side = sides[3]
         top = dome - rng_find.uniform(0.17, 0.22)
         region = lungs[side] * _sigmoid((v - top) / 0.008)  # sharp upper edge (a fissure)
+        record("Consolidation", _mask_box(region))
         bronch = (0.5 + 0.5 * np.cos(2 * math.pi * (u * 9 + v * 3 + rng_find.random()))) ** 12
         opacify(region * (1.0 - 0.6 * bronch), 0.85)
     if "Pneumonia" in f:
         side = sides[4]
+        blobs = []
         for _ in range(int(rng_find.integers(3, 6))):
-            _blob(img, g, lung_side[side] + rng_find.uniform(-0.5, 0.5) * hx,
-                  anat.lung_cy + rng_find.uniform(-0.1, 0.5) * hy, rng_find.uniform(0.03, 0.045), 0.2, sharp=1.2)
+            px = lung_side[side] + rng_find.uniform(-0.5, 0.5) * hx
+            py = anat.lung_cy + rng_find.uniform(-0.1, 0.5) * hy
+            r = rng_find.uniform(0.03, 0.045)
+            _blob(img, g, px, py, r, 0.2, sharp=1.2)
+            blobs.append((px, py, r))
+        record("Pneumonia", _blobs_box(blobs, size))  # one box around the fluffy opacities of one lung
     if "Edema" in f:
         for side in (0, 1):
             hil_x = lung_side[side] - (-1 if side == 0 else 1) * 0.06
@@ -288,6 +349,7 @@ def render(rng: np.random.Generator, anat: _Anatomy, findings: set[str], size: i
         by = dome - 0.07 - rng_find.uniform(0.08, 0.12)
         band = _segment(g, lung_side[side] - 0.6 * hx, by, lung_side[side] + 0.6 * hx, by + rng_find.uniform(-0.02, 0.02), 0.010)
         opacify(band * lungs[side], 0.9)
+        record("Atelectasis", _mask_box(np.maximum(band * lungs[side], atel_lost)))  # the band and the volume lost
     if "Fibrosis" in f:
         net = np.abs(np.sin(2 * math.pi * (u * 38 + 0.3 * _smooth_noise(rng_find, size, 16)))) < 0.22
         net2 = np.abs(np.sin(2 * math.pi * (v * 38 + 0.3 * _smooth_noise(rng_find, size, 16)))) < 0.22
@@ -354,12 +416,26 @@ def _visits(rng: np.random.Generator, n_images: int) -> list[int]:
     return counts
 
 
-def _render_job(job: tuple) -> None:
-    """Render one planned image and write it (run in worker processes; all inputs are in `job`)."""
+def _render_job(job: tuple) -> list[tuple]:
+    """Render one planned image and write it; return its boxes (run in worker processes; all inputs
+    are in `job`)."""
     path, rng_key, anat_key, findings, size = job
     anat = _anatomy(np.random.default_rng(anat_key))
-    img = render(np.random.default_rng(rng_key), anat, set(findings), size)
+    boxes: list[tuple] = []
+    img = render(np.random.default_rng(rng_key), anat, set(findings), size, boxes=boxes)
     Path(path).write_bytes(_png_bytes(img))
+    return boxes
+
+
+def _write_bboxes(path: Path, jobs: list[tuple], boxes: list[list[tuple]]) -> None:
+    """NIH's BBox_List_2017.csv: its header, then `image,finding,x,y,w,h` (at most 15 significant
+    digits, integers without a decimal point, as NIH writes them), in image order."""
+    lines = [BBOX_HEADER]
+    for job, found in zip(jobs, boxes):
+        name = Path(job[0]).name
+        for finding, *xywh in found:
+            lines.append(",".join([name, finding, *(format(float(c), ".15g") for c in xywh)]))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def generate(out_dir: str | os.PathLike, layout: str = "nih", n_images: int | None = None,
@@ -430,11 +506,12 @@ def generate(out_dir: str | os.PathLike, layout: str = "nih", n_images: int | No
     from common.cache import default_workers
 
     workers = default_workers() if workers is None else max(1, int(workers))
+    boxes: list[list[tuple]] = []
     with tqdm(total=len(jobs), desc=f"synthetic {layout} images", unit="img", disable=not progress,
               leave=False) as bar:
         if workers == 1 or len(jobs) < 64:
             for job in jobs:
-                _render_job(job)
+                boxes.append(_render_job(job))
                 bar.update(1)
         else:
             import multiprocessing
@@ -443,13 +520,16 @@ def generate(out_dir: str | os.PathLike, layout: str = "nih", n_images: int | No
             # fork: see common.cache (spawn would re-run an unguarded caller script in each worker)
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as ex:
-                for _ in ex.map(_render_job, jobs, chunksize=16):
+                for found in ex.map(_render_job, jobs, chunksize=16):
+                    boxes.append(found)
                     bar.update(1)
     for name, (header, rows) in tables.items():
         with open(out / name, "w", newline="") as fh:
             wr = csv.writer(fh, lineterminator="\n")
             wr.writerow(header)
             wr.writerows(rows)
+    if layout == "nih":
+        _write_bboxes(out / BBOX_CSV, jobs, boxes)
     _write_marker(out, layout, n_images, image_size, seed)
     return out
 
@@ -461,6 +541,12 @@ def synthetic_root() -> Path:
     return cache_root() / f"synthetic-v{GENERATOR_VERSION}"
 
 
+def _complete(folders: list[Path]) -> bool:
+    """Every folder finished (its marker is written last); the NIH one has its box file, which a
+    default generated before boxes existed lacks (it is then made again: the same images)."""
+    return all((p / "SYNTHETIC.json").is_file() and (p.name != "nih" or (p / BBOX_CSV).is_file()) for p in folders)
+
+
 def ensure_default(progress: bool = True) -> list[Path]:
     """The embedded default datasets ([nih, cardiomegaly]), generated once, atomically, and reused."""
     import shutil
@@ -468,7 +554,7 @@ def ensure_default(progress: bool = True) -> list[Path]:
 
     root = synthetic_root()
     wanted = [root / "nih", root / "cardiomegaly"]
-    if all((p / "SYNTHETIC.json").is_file() for p in wanted):
+    if _complete(wanted):
         return wanted
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -476,13 +562,13 @@ def ensure_default(progress: bool = True) -> list[Path]:
         for p in wanted:
             generate(tmp / p.name, layout=p.name, progress=progress)
         if root.exists():  # an incomplete earlier attempt, or a concurrent generator finished first
-            if all((p / "SYNTHETIC.json").is_file() for p in wanted):
+            if _complete(wanted):
                 return wanted
             shutil.rmtree(root)
         try:
             os.rename(tmp, root)
         except OSError:
-            if not all((p / "SYNTHETIC.json").is_file() for p in wanted):
+            if not _complete(wanted):
                 raise
     finally:
         if tmp.exists():

@@ -10,7 +10,7 @@ import pytest
 from common import cli
 from common.data import load_dataset, patient_split
 from common.labels import LABELS
-from common.synthetic import _anatomy, _sample_findings, generate, render
+from common.synthetic import BBOX_CSV, BOXED_FINDINGS, _anatomy, _sample_findings, generate, render
 
 # Findings that add density (brighter) and those that add air (darker), on average.
 DARKER = {"Pneumothorax", "Emphysema", "Hernia"}
@@ -70,6 +70,67 @@ def test_each_label_changes_the_image(label):
     assert 0.001 < changed.mean() < 0.5, f"{label}: {changed.mean():.4f} of pixels changed"
     assert np.abs(diff[:8, :8]).max() == 0  # outside the body nothing moves: the change is the finding
     assert (np.sign(diff.sum()) < 0) == (label in DARKER), f"{label}: mean change {diff.mean():.2f}"
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_boxes_are_where_the_finding_was_drawn(label):
+    anat = _anatomy(np.random.default_rng(11))
+    normal = render(np.random.default_rng(5), anat, set(), 128).astype(int)
+    boxes: list = []
+    sick = render(np.random.default_rng(5), anat, {label}, 128, boxes=boxes)
+    assert np.array_equal(sick, render(np.random.default_rng(5), anat, {label}, 128))  # recording draws nothing
+    if label not in BOXED_FINDINGS:
+        assert boxes == []  # diffuse or bilateral: no one place to box
+        return
+    assert boxes and {b[0] for b in boxes} == {label}
+    if label != "Nodule":
+        assert len(boxes) <= 2  # one per lesion: an effusion may be bilateral
+    diff = np.abs(sick.astype(int) - normal)
+    inside = np.zeros(diff.shape, dtype=bool)
+    for _, x, y, w, h in boxes:
+        assert 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= 128 and y + h <= 128
+        box = (slice(int(y), int(np.ceil(y + h))), slice(int(x), int(np.ceil(x + w))))
+        assert diff[box].mean() > 8, f"{label}: box {x, y, w, h} holds no lesion"
+        inside[box] = True
+    changed = diff > 6
+    assert changed[inside].sum() >= 0.5 * changed.sum(), f"{label}: most of what changed is outside its boxes"
+    assert diff[inside].mean() > 25 * diff[~inside].mean()
+
+
+def test_nih_layout_writes_nih_box_file(tmp_path, nih_sample):
+    from common.explain import read_bboxes
+
+    out = generate(tmp_path / "nih", "nih", n_images=60, image_size=64, progress=False)
+    real = (nih_sample / BBOX_CSV).read_text().splitlines()
+    lines = (out / BBOX_CSV).read_text().splitlines()
+    assert lines[0] == real[0] and len(lines) > 20
+    assert all(len(line.split(",")) == len(real[1].split(",")) == 6 for line in lines[1:])  # no trailing commas
+    boxes = read_bboxes(out / BBOX_CSV)
+    assert ((boxes[["x", "y"]] >= 0).all(axis=None) and (boxes.x + boxes.w <= 64).all()
+            and (boxes.y + boxes.h <= 64).all() and (boxes[["w", "h"]] > 0).all(axis=None))
+    frame = load_dataset(out).frame.set_index("image_id")
+    # every box is of a finding the image has, and every image with a boxed finding has its box
+    assert all(frame.loc[b.image_id, b.finding] == 1 for b in boxes.itertuples())
+    boxed = {(b.image_id, b.finding) for b in boxes.itertuples()}
+    expected = {(i, f) for i, row in frame.iterrows() for f in BOXED_FINDINGS if row[f] == 1}
+    assert boxed == expected
+    assert set(boxes["finding"]) <= set(BOXED_FINDINGS) and len(set(boxes["finding"])) >= 5
+    # the cardiomegaly layout is the original project's: no box file
+    assert not (generate(tmp_path / "c", "cardiomegaly", n_images=8, image_size=32, progress=False) / BBOX_CSV).exists()
+
+
+def test_a_default_made_before_box_files_is_made_again(tmp_path, monkeypatch):
+    import common.synthetic as synthetic
+
+    monkeypatch.setenv("MEDIMAGING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic, "DEFAULT_SIZES", {"nih": 16, "cardiomegaly": 8})  # small for speed
+    nih, _ = synthetic.ensure_default(progress=False)
+    images = {p.name: p.read_bytes() for p in (nih / "images").glob("*.png")}
+    text = (nih / BBOX_CSV).read_text()
+    (nih / BBOX_CSV).unlink()  # as generated before boxes existed
+    assert synthetic.ensure_default(progress=False)[0] == nih
+    assert (nih / BBOX_CSV).read_text() == text
+    assert {p.name: p.read_bytes() for p in (nih / "images").glob("*.png")} == images
 
 
 def test_cardiomegaly_widens_the_heart():
