@@ -7,6 +7,10 @@ imports torch: a run without an ONNX export is exported once, in a separate proc
 (`medimaging export`). Grad-CAM is computed in numpy for CNNs; only models whose Grad-CAM needs
 torch (ViTs) import it, lazily, when an overlay is asked for, and the page says so.
 
+When the export folder also holds an int8 model (`medimaging export --run RUN --int8`, or
+`medimaging compress --method int8`), the sidebar offers fp32 / int8; fp32, the reference, is the
+default.
+
 Settings (environment): MEDIMAGING_RUNS (folders with runs, separated by the OS path separator),
 MEDIMAGING_MAX_UPLOAD_MB (default 50).
 """
@@ -23,12 +27,13 @@ import numpy as np
 import streamlit as st
 
 from common.images import MAX_PIXELS, UnreadableImage, read_grayscale
-from common.onnx_predict import OnnxModelError, OnnxPredictor, is_stale, resolve_export_dir
+from common.onnx_predict import EXPORT_DIR, FP32, INT8, OnnxModelError, OnnxPredictor, is_stale, resolve_export_dir
 from common.predict import ONNX_META
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_MB = float(os.environ.get("MEDIMAGING_MAX_UPLOAD_MB", "50"))
 CHART_ROW_PX = 26  # bar chart height per finding: every label stays readable
+PRECISIONS = {"fp32": FP32, "int8": INT8}  # fp32 first: the reference accuracy is the default
 DISCLAIMER = ("**Research prototype - not for diagnosis.** The probabilities come from a model trained on "
               "NIH ChestX-ray14's text-mined labels; they are not validated for clinical use and must not "
               "guide the care of any patient.")
@@ -111,9 +116,13 @@ def needs_export(path: Path) -> bool:
 
 def ensure_export(path: Path) -> Path:
     """The run's ONNX export folder, made on first use or when the run's weights are newer (in a
-    separate process, so torch stays out of here)."""
+    separate process, so torch stays out of here).
+
+    A re-export is fp32 only (int8 needs the run's data to calibrate, and minutes): an int8 model
+    older than the weights is removed with the old export, and the page says how to remake it."""
     if not needs_export(path):
         return resolve_export_dir(path)
+    had_int8 = (path / EXPORT_DIR / INT8).is_file()
     # what `medimaging export --run RUN` does, without building the whole CLI
     cmd = [sys.executable, "-c", "import sys; from common.export import export_onnx; export_onnx(sys.argv[1])", str(path)]
     with st.spinner(f"Exporting this run to ONNX (`medimaging export --run {path}`): first use or new weights..."):
@@ -121,13 +130,28 @@ def ensure_export(path: Path) -> Path:
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise OnnxModelError(f"exporting {path} failed:\n{tail}\nRun `medimaging export --run {path}` to see why.")
+    if had_int8:
+        st.info(f"This run's weights are newer than its int8 model, which was removed with the old export; "
+                f"remake it with `medimaging export --run {path} --int8`.")
     return resolve_export_dir(path)
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=4)
-def load_predictor(export_dir: str, stamp: float) -> OnnxPredictor:
-    """Loaded once per export (stamp: the model file's mtime, so a re-export is picked up)."""
-    return OnnxPredictor(export_dir)
+def load_predictor(model_file: str, stamp: float) -> OnnxPredictor:
+    """Loaded once per model file (model.onnx or model.int8.onnx) and its mtime, so a re-export is
+    picked up."""
+    path = Path(model_file)
+    return OnnxPredictor(path.parent, int8=path.name == INT8)
+
+
+def served_caption(model_file: Path, meta: dict) -> str:
+    """Which file answers, its size, and for int8 how close it came to fp32 at export."""
+    text = f"Serving `{model_file.name}` ({model_file.stat().st_size / 1e6:.2f} MB)"
+    q = meta.get("int8") or {}
+    if model_file.name == INT8 and q.get("max_abs_prob_diff_vs_fp32") is not None:
+        text += (f": {q.get('method', 'int8')} quantisation, probabilities within "
+                 f"{q['max_abs_prob_diff_vs_fp32']:.2g} of fp32 on {q.get('n_compared', '?')} calibration images")
+    return text + "."
 
 
 def decode_dicom(data: bytes) -> np.ndarray:
@@ -199,10 +223,16 @@ def show_gradcam(predictor: OnnxPredictor, gray: np.ndarray, ranked: list[str]) 
     label = st.selectbox("Grad-CAM for the finding", ranked, index=0, key="cam_label")
     if predictor.cam_method == "numpy":
         cam, prob = predictor.gradcam(gray, label)
-        how = "Grad-CAM computed from the ONNX model's last feature map (numpy, no torch)."
+        if predictor.int8:
+            how = ("Grad-CAM computed from the int8 ONNX model's last feature map (numpy, no torch); the head's "
+                   "gradient uses its fp32 weights (head.npz), so the map is close to, not exactly, int8's.")
+        else:
+            how = "Grad-CAM computed from the ONNX model's last feature map (numpy, no torch)."
     else:
         st.caption(f"This model's Grad-CAM needs torch ({predictor.cam_note}); it is imported now, for the "
-                   "overlay only. Predictions above came from ONNX Runtime.")
+                   "overlay only. Predictions above came from ONNX Runtime."
+                   + (" Torch cannot run the int8 model: the overlay is the run's fp32 model's, and so is its p."
+                      if predictor.int8 else ""))
         from common.explain import explain
 
         with st.spinner("Loading torch for this model's Grad-CAM..."):
@@ -244,11 +274,25 @@ def main() -> None:
         st.caption(str(choice))
     try:
         export_dir = ensure_export(Path(choice))
-        predictor = load_predictor(str(export_dir), (export_dir / "model.onnx").stat().st_mtime)
+    except (OnnxModelError, FileNotFoundError, ValueError) as err:
+        st.error(f"Cannot load this model: {err}")
+        return
+    precision = "fp32"
+    if (export_dir / INT8).is_file():
+        with st.sidebar:
+            precision = st.radio(
+                "Precision", list(PRECISIONS), index=0, horizontal=True, key="precision",
+                help="fp32: the exported model, the reference accuracy. int8: the quantised model beside it "
+                     "(smaller; faster only where dense convolutions dominate, see bench/bench_compress.py; "
+                     "probabilities differ slightly).")
+    model_file = export_dir / PRECISIONS[precision]
+    try:
+        predictor = load_predictor(str(model_file), model_file.stat().st_mtime)
     except (OnnxModelError, FileNotFoundError, ValueError) as err:
         st.error(f"Cannot load this model: {err}")
         return
     with st.sidebar:
+        st.caption(served_caption(model_file, predictor.meta))
         st.caption(f"{predictor.model_name}, input {predictor.image_size} px, ONNX Runtime "
                    f"({predictor.session.get_session_options().intra_op_num_threads} threads)")
         if predictor.synthetic:
@@ -291,8 +335,8 @@ def main() -> None:
         else:
             st.markdown("None of the findings is above its threshold.")
         st.altair_chart(probability_chart(table), width="stretch", height=CHART_ROW_PX * len(table) + 60)
-        st.caption(f"Predicted in {ms:.0f} ms with ONNX Runtime. Black ticks: each finding's threshold, tuned on "
-                   "the run's dev split.")
+        st.caption(f"Predicted in {ms:.0f} ms with ONNX Runtime ({model_file.name}). Black ticks: each finding's "
+                   "threshold, tuned on the run's dev split.")
     left, right = st.columns([1, 1])
     with left:
         show_gradcam(predictor, gray, list(table["Finding"]))

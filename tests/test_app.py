@@ -25,6 +25,9 @@ from common.predict import create_untrained_run
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "app.py"
 THRESHOLDS = {name: 0.35 + 0.02 * i for i, name in enumerate(LABELS)}
+# int8 vs fp32 probabilities on the test image: max |difference| measured 2e-4 for the fixture's
+# model (16 calibration images); the bound leaves room for other CPUs' int8 kernels
+INT8_PROB_ATOL = 0.01
 
 
 def _image(nih_sample: Path, i: int = 0) -> Path:
@@ -42,7 +45,20 @@ def runs_root(tmp_path_factory) -> Path:
     return root
 
 
-def _app(monkeypatch, root: Path, **env):
+@pytest.fixture(scope="module")
+def int8_root(runs_root, nih_sample, tmp_path_factory) -> Path:
+    """A stand-alone export folder with model.onnx and model.int8.onnx (the layout `medimaging
+    compress --method int8` writes), made from runs_root's run."""
+    from common.export import export_onnx
+
+    root = tmp_path_factory.mktemp("app-int8")
+    calibration = sorted((nih_sample / "images").glob("*.png"))[20:36]
+    export_onnx(runs_root / "cnn", root / "cnn-int8", int8=True, calibration_images=calibration,
+                n_calibration=16, log=lambda m: None)
+    return root
+
+
+def _app(monkeypatch, root: Path | str, **env):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("MEDIMAGING_RUNS", str(root))
@@ -170,6 +186,8 @@ def test_upload_shows_all_probabilities_thresholds_and_gradcam(monkeypatch, runs
     at = _app(monkeypatch, runs_root)
     assert any("not for diagnosis" in w.value for w in at.warning)
     assert any("untrained" in w.value for w in at.sidebar.warning)  # create_untrained_run's flag, via model.json
+    assert not at.sidebar.radio  # no int8 model beside model.onnx: no precision choice
+    assert any(c.value.startswith("Serving `model.onnx`") for c in at.sidebar.caption)
     assert set(at.file_uploader(key="upload").allowed_type) >= {".png", ".jpg", ".jpeg"}
     image = _image(nih_sample, 2)
     _upload(at, image.name, image.read_bytes())
@@ -194,6 +212,47 @@ def test_upload_shows_all_probabilities_thresholds_and_gradcam(monkeypatch, runs
     at.selectbox(key="cam_label").set_value("Hernia")
     at.run()
     assert not at.exception and len(at.get("image")) == 2
+
+
+def test_an_int8_model_beside_fp32_can_be_chosen_and_is_served(monkeypatch, runs_root, int8_root, nih_sample):
+    import numpy as np
+
+    from common.onnx_predict import OnnxPredictor
+
+    export = (int8_root / "cnn-int8").resolve()
+    at = _app(monkeypatch, os.pathsep.join([str(int8_root), str(runs_root)]))
+    at.selectbox(key="run").set_value(export)
+    at.run()
+    precision = at.sidebar.radio(key="precision")
+    assert precision.options == ["fp32", "int8"] and precision.value == "fp32"  # the reference by default
+    assert any(c.value.startswith("Serving `model.onnx`") for c in at.sidebar.caption)
+    image = _image(nih_sample, 2)
+    _upload(at, image.name, image.read_bytes())
+    fp32 = dict(zip(at.dataframe[0].value["Finding"], at.dataframe[0].value["Probability"]))
+
+    at.sidebar.radio(key="precision").set_value("int8")  # from this run's tree: an older element is not sent
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    size_mb = (export / "model.int8.onnx").stat().st_size / 1e6
+    assert any(c.value.startswith(f"Serving `model.int8.onnx` ({size_mb:.2f} MB): static-qdq quantisation")
+               for c in at.sidebar.caption), [c.value for c in at.sidebar.caption]
+    table = at.dataframe[0].value
+    int8 = dict(zip(table["Finding"], table["Probability"]))
+    assert len(int8) == len(LABELS) == 14
+    assert int8 == pytest.approx(OnnxPredictor(export, int8=True).predict(image).probabilities, abs=1e-6)
+    diff = max(abs(int8[k] - fp32[k]) for k in LABELS)
+    assert 0 < diff <= INT8_PROB_ATOL, diff  # > 0: the int8 file answered, not model.onnx again
+    # Grad-CAM still works, from the int8 model's feature map
+    assert len(at.get("image")) == 2
+    assert any("int8 ONNX model's last feature map" in c.value for c in at.caption)
+    assert all(np.isfinite(v) for v in int8.values())
+
+    at.selectbox(key="run").set_value((runs_root / "cnn").resolve())  # no int8 there: no choice, fp32
+    at.run()
+    assert not at.exception and not at.sidebar.radio
+    assert any(c.value.startswith("Serving `model.onnx`") for c in at.sidebar.caption)
+    assert dict(zip(at.dataframe[0].value["Finding"], at.dataframe[0].value["Probability"])) \
+        == pytest.approx(fp32, abs=1e-6)
 
 
 def test_bad_uploads_get_a_message_and_the_app_keeps_working(monkeypatch, runs_root, nih_sample):
