@@ -1,9 +1,10 @@
 """Grad-CAM: where the model looked, for CNNs and ViTs, with overlays and the pointing game.
 
-    from common.explain import explain, pointing_game, pointing_game_summary
+    from common.explain import explain, localisation, pointing_game, pointing_game_summary
     e = explain("runs/all14", "00000001_000.png", "Cardiomegaly")   # Explanation
     e.save("heat.png")                                               # full-resolution overlay + title
     df = pointing_game("runs/all14", "BBox_List_2017.csv", "nih-sample/images")
+    loc = localisation(out_dir="results")   # what the notebook reports: the stage-2 run, held-out images
 
 Grad-CAM (Selvaraju et al. 2017): for the chosen output's logit y and a feature map A [C, h, w],
 alpha_c = mean_ij dy/dA_cij and cam = ReLU(sum_c alpha_c A_c), upsampled to the image.
@@ -22,6 +23,7 @@ the tests). Torch and matplotlib are imported only inside the functions that nee
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ from common.predict import ImageInput, Predictor, load_predictor, sigmoid
 # NIH's BBox_List_2017.csv spells one finding differently from the label file.
 BBOX_FINDINGS = {"Infiltrate": "Infiltration"}
 NIH_SIZE = 1024  # BBox_List_2017.csv coordinates are pixels of NIH's 1024 x 1024 images
+POINTING_GAME_COLUMNS = ["image_id", "finding", "x", "y", "w", "h", "peak_x", "peak_y", "inside", "hit", "evidence",
+                         "probability", "chance", "method"]
 
 
 # ------------------------------------------------------------------------------------- Grad-CAM
@@ -270,42 +274,67 @@ def _index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
 
+def box_frame(bbox_csv: str | os.PathLike) -> int | None:
+    """The pixel frame a box file's coordinates are in: NIH_SIZE for NIH's file (its images are
+    1024 x 1024; smaller copies scale), None (each image's own pixels) for the suite's synthetic
+    data, whose generator (common.synthetic) writes them so beside its SYNTHETIC.json marker."""
+    return None if (Path(bbox_csv).parent / "SYNTHETIC.json").is_file() else NIH_SIZE
+
+
 def pointing_game(model: str | os.PathLike | Predictor, bbox_csv: str | os.PathLike,
-                  image_dir: str | os.PathLike, progress: bool = True) -> Any:
-    """For each radiologist box whose image is in image_dir and finding is a model output: does the
-    Grad-CAM maximum of that finding fall inside the box?
+                  image_dir: str | os.PathLike, progress: bool = True, images: Any = None,
+                  frame: int | None | str = "auto") -> Any:
+    """For each image and finding with radiologist boxes (the image in image_dir, the finding a model
+    output): does the Grad-CAM maximum of that finding fall inside one of its boxes? (The pointing
+    game of Zhang et al. 2016: one verdict per image and finding, however many boxes it has.)
+
+    images: only these image names (e.g. `held_out_images(run)`); None: every image with a box.
+    frame: the side in pixels of the images the box coordinates refer to; None: each image's own
+    pixels; "auto": `box_frame(bbox_csv)`. Coordinates are scaled from it to each image's size.
 
     Returns a DataFrame, one row per box: image_id, finding, x, y, w, h (image pixels), peak_x,
-    peak_y, hit, probability, chance (the box's share of the image: a random point's hit rate),
-    method; evidence is False when the Grad-CAM is empty (no positive evidence: never a hit).
-    Box coordinates are NIH's 1024-pixel ones, scaled to each image's size.
+    peak_y, inside (the peak is in this box), hit (in any box of this finding on this image: the
+    game's verdict), evidence (False when the Grad-CAM is empty: never a hit), probability, chance
+    (the share of pixels in any of those boxes: a random peak's hit rate), method.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    if frame == "auto":
+        frame = box_frame(bbox_csv)
     boxes = read_bboxes(bbox_csv)
-    images = _index_images(image_dir)
-    usable = boxes[boxes["image_id"].isin(images) & boxes["finding"].isin(predictor.labels)]
+    found = _index_images(image_dir)
+    usable = boxes[boxes["image_id"].isin(found) & boxes["finding"].isin(predictor.labels)]
+    if images is not None:
+        usable = usable[usable["image_id"].isin(set(images))]
     rows = []
-    cache: dict[tuple[str, str], Explanation] = {}
-    for box in tqdm(usable.itertuples(index=False), total=len(usable), desc="pointing game", disable=not progress):
-        key = (box.image_id, box.finding)
-        if key not in cache:
-            cache[key] = explain(predictor, images[box.image_id], box.finding, name=box.image_id)
-        e = cache[key]
+    cases = usable.groupby(["image_id", "finding"], sort=False)
+    for (image_id, finding), group in tqdm(cases, total=cases.ngroups, desc="pointing game", disable=not progress):
+        e = explain(predictor, found[image_id], finding, name=image_id)
         h, w = e.image.shape
-        sx, sy = w / NIH_SIZE, h / NIH_SIZE
-        x0, y0, bw, bh = box.x * sx, box.y * sy, box.w * sx, box.h * sy
+        sx, sy = (1.0, 1.0) if frame is None else (w / frame, h / frame)
         px, py = e.peak
         positive = float(e.cam.max(initial=0.0)) > 0
-        hit = positive and (x0 <= px <= x0 + bw) and (y0 <= py <= y0 + bh)
-        rows.append({"image_id": box.image_id, "finding": box.finding, "x": x0, "y": y0, "w": bw, "h": bh,
-                     "peak_x": px, "peak_y": py, "hit": bool(hit), "evidence": positive, "probability": e.probability,
-                     "chance": min(1.0, bw * bh / (w * h)), "method": e.method})
-    columns = ["image_id", "finding", "x", "y", "w", "h", "peak_x", "peak_y", "hit", "evidence", "probability",
-               "chance", "method"]
-    return pd.DataFrame(rows, columns=columns)
+        scaled = [(b.x * sx, b.y * sy, b.w * sx, b.h * sy) for b in group.itertuples(index=False)]
+        inside = [(x0 <= px <= x0 + bw) and (y0 <= py <= y0 + bh) for x0, y0, bw, bh in scaled]
+        covered = np.zeros((h, w), dtype=bool)  # the pixels a peak may land on and hit, as tested above
+        for x0, y0, bw, bh in scaled:
+            covered[max(0, math.ceil(y0)):math.floor(y0 + bh) + 1, max(0, math.ceil(x0)):math.floor(x0 + bw) + 1] = True
+        hit = positive and any(inside)
+        for (x0, y0, bw, bh), this in zip(scaled, inside):
+            rows.append({"image_id": image_id, "finding": finding, "x": x0, "y": y0, "w": bw, "h": bh,
+                         "peak_x": px, "peak_y": py, "inside": bool(this), "hit": bool(hit), "evidence": positive,
+                         "probability": e.probability, "chance": float(covered.mean()), "method": e.method})
+    return pd.DataFrame(rows, columns=POINTING_GAME_COLUMNS)
+
+
+def bbox_file(folder: str | os.PathLike | None) -> Path | None:
+    """BBox_List_2017.csv in folder (or one level below it), or None when there is none."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    found = sorted(Path(folder).glob("BBox_List_2017.csv")) or sorted(Path(folder).glob("*/BBox_List_2017.csv"))
+    return found[0] if found else None
 
 
 def find_bbox_data(data_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
@@ -320,11 +349,9 @@ def find_bbox_data(data_dir: str | os.PathLike | None = None) -> tuple[Path, Pat
         candidates = [repo / "dataset_full", *([Path(sample) / "nih-sample"] if sample else []),
                       repo.parent / "shared" / "data" / "nih-sample"]
     for folder in candidates:
-        if not folder.is_dir():
-            continue
-        found = sorted(folder.glob("BBox_List_2017.csv")) or sorted(folder.glob("*/BBox_List_2017.csv"))
-        if found:
-            return found[0], folder
+        found = bbox_file(folder)
+        if found is not None:
+            return found, folder
     where = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"no BBox_List_2017.csv in {where}: download NIH's box file (ChestX-ray14, "
                             "BBox_List_2017.csv) next to the images of an NIH-layout folder and pass that folder")
@@ -342,62 +369,196 @@ def newest_run(runs_dir: str | os.PathLike | None = None) -> Path:
     return found[0]
 
 
+def held_out_images(run: str | os.PathLike) -> set[str]:
+    """Names of the images in a trained run's test split (patients it never trained on), the split
+    recomputed as `fit` made it; an image that is also in its train or dev rows is left out."""
+    from common import experiments
+    from common.runs import read_config
+
+    if "train" not in read_config(run):
+        raise ValueError(f"{Path(run) / 'config.json'}: not a run trained by `medimaging train` (no training "
+                         "section), so it has no test split; score every boxed image instead (Images = 'all')")
+    split = experiments.split_frame(run)
+    test = split["split"] == "test"
+    return set(split.loc[test, "image_id"]) - set(split.loc[~test, "image_id"])
+
+
+def recorded_run(out_dir: str | os.PathLike, data: Any = None, notebook: str = "multi_task",
+                 role: str = "stage 2") -> Path:
+    """The run a reproduce notebook recorded in OUT/tables/<notebook>.json under `role` (by default
+    the multi-task notebook's stage 2), checked to be on `data` (a common.experiments.DataSpec)."""
+    from common import experiments
+    from common.runs import load_json
+
+    path = Path(out_dir) / "tables" / f"{notebook}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run {notebook} first (medimaging reproduce --only "
+                                f"{notebook} localisation), or give the run to explain (RunDir)")
+    record = load_json(path)
+    ref = experiments.record_runs(record).get(role)
+    if ref is None:
+        raise FileNotFoundError(f"{path}: records no finished {role!r} run (recorded: "
+                                f"{sorted((record.get('runs') or {}))}); run {notebook} again")
+    if data is not None:
+        spec = experiments.DataSpec.from_dict(record.get("data_spec") or {})
+        if (spec.full, spec.cardiomegaly) != (data.full, data.cardiomegaly):
+            raise ValueError(f"{path}: its {role} run was trained on {record.get('data')}, not on this data "
+                             f"({data.describe()}); run {notebook} on the same data first")
+    return ref.run_dir
+
+
 def pointing_game_summary(df) -> Any:
-    """Per finding: boxes, hits, hit rate, and the chance rate (mean box share); plus an 'All' row."""
+    """Per finding: images (image-finding pairs scored), boxes, hits, hit rate, chance (the mean
+    share of pixels in the boxes: a random peak's hit rate) and empty maps (Grad-CAMs with no
+    positive evidence: never a hit); plus an 'All' row."""
     import pandas as pd
 
+    columns = ["finding", "images", "boxes", "hits", "hit_rate", "chance", "empty"]
     if not len(df):
-        return pd.DataFrame(columns=["finding", "boxes", "hits", "hit_rate", "chance"])
-    g = df.groupby("finding", sort=True)
-    table = pd.DataFrame({"boxes": g.size(), "hits": g["hit"].sum().astype(int), "chance": g["chance"].mean()})
-    table.loc["All"] = [len(df), int(df["hit"].sum()), float(df["chance"].mean())]
-    table["hit_rate"] = table["hits"] / table["boxes"]
-    table = table.reset_index().rename(columns={"index": "finding"})
-    table["boxes"] = table["boxes"].astype(int)
-    table["hits"] = table["hits"].astype(int)
-    return table[["finding", "boxes", "hits", "hit_rate", "chance"]]
+        return pd.DataFrame(columns=columns)
+    cases = df.drop_duplicates(["image_id", "finding"]).assign(empty=lambda c: ~c["evidence"].astype(bool))
+    g = cases.groupby("finding", sort=True)
+    table = pd.DataFrame({"images": g.size(), "boxes": df.groupby("finding", sort=True).size(),
+                          "hits": g["hit"].sum(), "chance": g["chance"].mean(), "empty": g["empty"].sum()})
+    table.loc["All"] = [len(cases), len(df), int(cases["hit"].sum()), float(cases["chance"].mean()),
+                        int(cases["empty"].sum())]
+    table = table.astype({"images": int, "boxes": int, "hits": int, "empty": int})
+    table["hit_rate"] = table["hits"] / table["images"]
+    return table.reset_index().rename(columns={"index": "finding"})[columns]
+
+
+def pointing_game_display(summary) -> Any:
+    """The summary as a table reads: hit rate and chance as percentages, the 'All' row last."""
+    import pandas as pd
+
+    return pd.DataFrame({"Finding": summary["finding"], "Images": summary["images"], "Boxes": summary["boxes"],
+                         "Hits": summary["hits"], "Hit rate": [f"{100 * r:.0f}%" for r in summary["hit_rate"]],
+                         "Chance": [f"{100 * c:.1f}%" for c in summary["chance"]], "Empty maps": summary["empty"]})
 
 
 def pointing_game_markdown(summary, title: str = "") -> str:
     """The summary table as markdown (hit rate and chance as percentages)."""
-    lines = ([f"### {title}", ""] if title else []) + [
-        "| Finding | Boxes | Hits | Hit rate | Chance |", "|---|---|---|---|---|"]
-    for r in summary.itertuples(index=False):
-        name = f"**{r.finding}**" if r.finding == "All" else r.finding
-        lines.append(f"| {name} | {r.boxes} | {r.hits} | {100 * r.hit_rate:.0f}% | {100 * r.chance:.1f}% |")
-    return "\n".join(lines) + "\n"
+    from common.experiments import Table
+
+    return ((f"### {title}\n\n" if title else "") + Table(title, pointing_game_display(summary)).markdown() + "\n")
 
 
 def plot_pointing_game(df, model: str | os.PathLike | Predictor, image_dir: str | os.PathLike,
-                       n: int = 8, cols: int = 4, alpha: float = 0.4):
-    """A Figure: the first n boxes' Grad-CAM overlays with the box (green: hit, red: miss) and peak (+)."""
+                       n: int = 8, cols: int = 4, alpha: float = 0.4, synthetic: bool | None = None):
+    """A Figure: Grad-CAM overlays of the first n images and findings scored, each with its boxes
+    (green: hit, red: miss) and the peak (+). synthetic: say SYNTHETIC in the title (None: when the
+    model's run says its data was)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    images = _index_images(image_dir)
-    rows = df.head(n)
-    k = max(1, len(rows))
+    cases = list(df.groupby(["image_id", "finding"], sort=False))[:n]
+    k = max(1, len(cases))
     ncols = min(cols, k)
     nrows = -(-k // ncols)
     fig = Figure(figsize=(3.2 * ncols, 3.5 * nrows), dpi=100)
-    synthetic = bool(predictor.synthetic)
+    synthetic = bool(predictor.synthetic) if synthetic is None else synthetic
     fig.suptitle(("SYNTHETIC data - " if synthetic else "") + "Pointing game: Grad-CAM peak (+) vs radiologist box")
-    if not len(rows):
+    if not cases:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no boxes for this model's findings in these images", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    for i, r in enumerate(rows.itertuples(index=False)):
+    images = _index_images(image_dir)
+    for i, ((image_id, finding), group) in enumerate(cases):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        e = explain(predictor, images[r.image_id], r.finding, name=r.image_id)
+        e = explain(predictor, images[image_id], finding, name=image_id)
         ax.imshow(e.overlay(alpha), interpolation="bilinear")
+        r = group.iloc[0]
         color = "lime" if r.hit else "red"
-        ax.add_patch(Rectangle((r.x, r.y), r.w, r.h, fill=False, edgecolor=color, linewidth=1.5))
+        for b in group.itertuples(index=False):
+            ax.add_patch(Rectangle((b.x, b.y), b.w, b.h, fill=False, edgecolor=color, linewidth=1.5))
         if r.evidence:
             ax.plot([r.peak_x], [r.peak_y], marker="+", color="white", markersize=12, markeredgewidth=2)
         verdict = "hit" if r.hit else "miss" if r.evidence else "miss (empty map)"
-        ax.set_title(f"{r.image_id}\n{r.finding} p={r.probability:.2f} {verdict}", fontsize=8)
+        ax.set_title(f"{image_id}\n{finding} p={r.probability:.2f} {verdict}", fontsize=8)
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------- the notebook
+@dataclass
+class Localisation:
+    """What notebooks/localisation.ipynb reports: its experiment record and what the figure needs."""
+
+    experiment: Any  # common.experiments.Experiment "localisation": the table, headed by data and profile
+    boxes: Any  # pointing_game's DataFrame, one row per box scored (empty when nothing was)
+    predictor: Predictor
+    image_dir: Path | None
+
+
+def localisation(run: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
+                 images: str = "test", profile: str = "quick", smoke: bool = False, data_full=None,
+                 data_cardiomegaly=None, out_dir: str | os.PathLike | None = None,
+                 progress: bool = False) -> Localisation:
+    """The pointing game as `medimaging reproduce` runs it.
+
+    run: the run (or export folder) to explain; None: the multi-task notebook's stage-2 run
+    recorded in OUT/tables/multi_task.json for this data. data_dir: the NIH-layout folder whose
+    BBox_List_2017.csv and images to use; None: the 14-label folder of data_full / data_cardiomegaly
+    as the experiments resolve them (dataset_full/, else the synthetic default, which has boxes).
+    images: "test" scores only the run's held-out test images, "all" every boxed image.
+    No box file, or no box on a scored image, gives a table saying so rather than an error.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from common import experiments
+
+    if images not in ("test", "all"):
+        raise ValueError(f"images={images!r}: expected 'test' (the run's held-out test images) or 'all'")
+    prof = experiments.get_profile(profile, smoke)
+    if prof.threads:  # as the profile trains: the smoke reproduces run side by side, one thread each
+        import torch
+
+        torch.set_num_threads(prof.threads)
+    data = experiments.resolve_data(data_dir if data_dir is not None else data_full, data_cardiomegaly)
+    if run is None:
+        if out_dir is None:
+            raise ValueError("no run to explain: give the run (RunDir), or the reproduce output folder (OutDir) "
+                             "where the multi-task notebook recorded its stage-2 run")
+        run = recorded_run(out_dir, data)
+    predictor = load_predictor(run)
+    data = dataclasses.replace(data, synthetic=data.synthetic or bool(predictor.synthetic))
+    exp = experiments.Experiment("localisation", "Localisation: the Grad-CAM pointing game",
+                                 f"{prof.name} ({prof.description})", data)
+    where = experiments.display_path(data.full) if data.full is not None else None
+    bbox = bbox_file(data.full)
+    scored = held_out_images(run) if images == "test" else None
+    boxes = pointing_game(predictor, bbox, data.full, progress, images=scored) if bbox is not None else None
+    which = "held-out test images" if images == "test" else "every boxed image"
+    title = exp.title_for(f"Pointing game: {predictor.model_name}, {which}")
+    if where is None:
+        why = "not measured: no 14-label dataset (DataFull), so no BBox_List_2017.csv"
+    elif bbox is None:
+        why = f"not measured: no BBox_List_2017.csv in {where}"
+    elif not len(boxes):
+        n = len(read_bboxes(bbox))
+        why = (f"not measured: none of the {n} boxes in {experiments.display_path(bbox)} is on a "
+               f"{'held-out test image of this run' if scored is not None else 'image in the folder'} "
+               "with a finding the run outputs")
+    else:
+        why = ""
+    exp.notes = f"Grad-CAM of the run `{experiments.display_path(run)}` ({predictor.model_name})."
+    if why:
+        exp.tables.append(experiments.Table(title, pd.DataFrame({"Pointing game": [why]})))
+        boxes = pd.DataFrame(columns=POINTING_GAME_COLUMNS)
+    else:
+        summary = pointing_game_summary(boxes)
+        exp.tables.append(experiments.Table(
+            title, pointing_game_display(summary),
+            f"Boxes from {experiments.display_path(bbox)}. Hit: the Grad-CAM maximum of the finding lies inside one "
+            "of its boxes on that image (one verdict per image and finding). Chance: the share of the image inside "
+            "those boxes, the hit rate of a point dropped at random. Empty maps: Grad-CAMs with no positive evidence "
+            "for the finding (never a hit)."))
+        total = summary.iloc[-1]
+        exp.headline = {"images": int(total["images"]), "boxes": int(total["boxes"]), "hits": int(total["hits"]),
+                        "hit_rate": float(total["hit_rate"]), "chance": float(total["chance"])}
+    return Localisation(exp, boxes, predictor, data.full)

@@ -60,6 +60,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("backbone_ablation", "notebooks/backbone_ablation.ipynb", "VGG, ResNet, DenseNet, CSPDarkNet, EfficientNet, ViT, ConvNeXt"),
     Notebook("freeze_ablation", "notebooks/freeze_ablation.ipynb", "nothing / early stages / all but the head frozen"),
     Notebook("compression", "notebooks/compression.ipynb", "int8 / pruning / distillation: size, speed and AUROC in one table"),
+    Notebook("localisation", "notebooks/localisation.ipynb", "Grad-CAM pointing game of the stage-2 run on the data's radiologist boxes"),
     Notebook("results", "notebooks/results.ipynb", "every table, ROC curves, training curves, CheXNet comparison"),
 )
 

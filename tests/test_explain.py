@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from common.cli import main as cli
-from common.explain import (explain, gradcam, normalize_cam, pointing_game, pointing_game_summary, read_bboxes,
-                            upsample)
+from common import explain as explain_module
+from common.explain import (NIH_SIZE, Explanation, box_frame, explain, gradcam, localisation, normalize_cam,
+                            pointing_game, pointing_game_summary, read_bboxes, recorded_run, upsample)
 from common.labels import LABELS, TASKS
 from common.onnx_predict import OnnxPredictor
 from common.predict import TorchPredictor, create_untrained_run
@@ -135,13 +136,16 @@ def test_pointing_game_on_the_nih_boxes(cnn, nih_sample):
     boxes = read_bboxes(bbox)
     present = {p.name for p in (nih_sample / "images").glob("*.png")}
     assert len(df) == int(boxes["image_id"].isin(present).sum()) == 7
+    assert box_frame(bbox) == NIH_SIZE  # NIH's coordinates are in its 1024-pixel images (the sample's size)
     inside = (df["x"] <= df["peak_x"]) & (df["peak_x"] <= df["x"] + df["w"]) & \
              (df["y"] <= df["peak_y"]) & (df["peak_y"] <= df["y"] + df["h"])
-    assert (df["hit"] == (inside & df["evidence"])).all()
+    assert (df["inside"] == inside).all()
+    assert (df["hit"] == (inside & df["evidence"])).all()  # NIH: one box per image and finding
     assert ((df["chance"] > 0) & (df["chance"] < 1)).all()
     summary = pointing_game_summary(df)
-    assert summary.iloc[-1]["finding"] == "All" and summary.iloc[-1]["boxes"] == 7
+    assert summary.iloc[-1]["finding"] == "All" and summary.iloc[-1]["boxes"] == summary.iloc[-1]["images"] == 7
     assert summary.iloc[-1]["hits"] == int(df["hit"].sum())
+    assert summary.iloc[-1]["empty"] == int((~df["evidence"]).sum())
     # the torch path gives the same peaks (same Grad-CAM)
     df_t = pointing_game(torch_p, bbox, nih_sample / "images", progress=False)
     assert df_t[["peak_x", "peak_y", "hit"]].equals(df[["peak_x", "peak_y", "hit"]])
@@ -152,6 +156,87 @@ def test_pointing_game_on_the_nih_boxes(cnn, nih_sample):
     assert set(only["finding"]) == {"Cardiomegaly"} and len(only) == 1
 
 
+def _peak_at(x: int, y: int, size: int = 64, evidence: bool = True):
+    """An `explain` stand-in whose Grad-CAM peaks at (x, y) of a size x size image."""
+    def fake(predictor, image, label, name=None):
+        heat = np.zeros((size, size), dtype=np.float32)
+        heat[y, x] = 1.0
+        cam = np.ones((2, 2), dtype=np.float32) * (1.0 if evidence else 0.0)
+        return Explanation(np.zeros((size, size), np.uint8), heat, cam, label, 0.5, "torch", "fake", True, name or "")
+    return fake
+
+
+def test_pointing_game_scores_each_image_and_finding_once_over_all_its_boxes(cnn, tmp_path, monkeypatch):
+    torch_p, _ = cnn
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        __import__("PIL").Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "images" / name)
+    csv = tmp_path / "BBox_List_2017.csv"
+    csv.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                   "a.png,Nodule,10,10,4,4\na.png,Nodule,40,30,8,6\nb.png,Mass,0,0,16,16\nb.png,Fracture,1,1,2,2\n")
+    (tmp_path / "SYNTHETIC.json").write_text("{}")  # boxes in the images' own pixels, as the generator writes
+    assert box_frame(csv) is None
+    monkeypatch.setattr(explain_module, "explain", _peak_at(44, 33))
+    df = pointing_game(torch_p, csv, tmp_path / "images", progress=False)
+    assert list(df["finding"]) == ["Nodule", "Nodule", "Mass"]  # Fracture is no output of the run
+    assert df["inside"].tolist() == [False, True, False] and df["hit"].tolist() == [True, True, False]
+    assert df.loc[0, "chance"] == pytest.approx((5 * 5 + 9 * 7) / 64 ** 2)  # pixels a peak can hit, both boxes
+    assert df[["x", "y", "w", "h"]].iloc[1].tolist() == [40, 30, 8, 6]  # own pixels: not scaled from 1024
+    summary = pointing_game_summary(df).set_index("finding")
+    assert summary.loc["Nodule", ["images", "boxes", "hits"]].tolist() == [1, 2, 1]
+    assert summary.loc["All", ["images", "boxes", "hits"]].tolist() == [2, 3, 1]
+    assert summary.loc["All", "hit_rate"] == 0.5
+    # NIH's frame: the same numbers are 1024-pixel coordinates, scaled to the 64-pixel image
+    nih = pointing_game(torch_p, csv, tmp_path / "images", progress=False, frame=NIH_SIZE)
+    assert nih[["x", "w"]].iloc[1].tolist() == [40 / 16, 8 / 16] and not nih["hit"].any()
+    # only the images asked for; an empty Grad-CAM is never a hit
+    only_b = pointing_game(torch_p, csv, tmp_path / "images", progress=False, images={"b.png"})
+    assert set(only_b["image_id"]) == {"b.png"}
+    monkeypatch.setattr(explain_module, "explain", _peak_at(44, 33, evidence=False))
+    assert not pointing_game(torch_p, csv, tmp_path / "images", progress=False)["hit"].any()
+
+
+def test_localisation_on_the_synthetic_boxes_and_without_a_box_file(cnn, tmp_path):
+    from common.synthetic import BBOX_CSV, generate
+
+    torch_p, _ = cnn
+    data = generate(tmp_path / "nih", "nih", n_images=12, image_size=64, progress=False)
+    loc = localisation(run=torch_p.source, data_dir=data, images="all")
+    exp = loc.experiment
+    assert exp.name == "localisation" and exp.synthetic
+    table = exp.tables[0]
+    assert table.title.startswith("SYNTHETIC DATA - Pointing game")
+    assert table.frame["Finding"].iloc[-1] == "All" and exp.headline["boxes"] == len(loc.boxes) > 0
+    assert exp.headline["boxes"] == len(read_bboxes(data / BBOX_CSV))  # every box of the folder is scored
+    # an untrained run has no test split to score: a clear error, not every image silently
+    with pytest.raises(ValueError, match="no test split.*Images = 'all'"):
+        localisation(run=torch_p.source, data_dir=data, images="test")
+    (data / BBOX_CSV).unlink()
+    empty = localisation(run=torch_p.source, data_dir=data, images="all")
+    assert len(empty.boxes) == 0 and "not measured: no BBox_List_2017.csv" in empty.experiment.tables[0].markdown()
+
+
+def test_the_run_to_explain_comes_from_the_multi_task_record(tmp_path, cardiomegaly_64, nih_sample):
+    from common import experiments
+    from common.runs import save_json
+
+    with pytest.raises(FileNotFoundError, match="multi_task.json: not found; run multi_task first"):
+        recorded_run(tmp_path)
+    run = tmp_path / "runs" / "all14-x"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    data = experiments.DataSpec(nih_sample, cardiomegaly_64, False)
+    save_json(tmp_path / "tables" / "multi_task.json", {
+        "data": "the NIH sample", "data_spec": data.to_dict(),
+        "runs": {"stage 2": {"role": "stage 2", "run_dir": str(run), "requested_model": "m", "model_name": "m",
+                             "reused": False}}})
+    assert recorded_run(tmp_path, data) == run
+    with pytest.raises(ValueError, match="trained on the NIH sample, not on this data"):
+        recorded_run(tmp_path, experiments.DataSpec(nih_sample, None, False))
+    with pytest.raises(FileNotFoundError, match="no finished 'stage 1' run"):
+        recorded_run(tmp_path, data, role="stage 1")
+
+
 @pytest.mark.slow
 def test_localisation_notebook_runs_with_papermill(cnn, nih_sample, tmp_path):
     _, onnx_p = cnn
@@ -159,16 +244,17 @@ def test_localisation_notebook_runs_with_papermill(cnn, nih_sample, tmp_path):
     executed = tmp_path / "localisation.ipynb"
     cmd = [sys.executable, "-m", "papermill", str(REPO / "notebooks" / "localisation.ipynb"), str(executed),
            "-p", "RunDir", str(onnx_p.source), "-p", "DataDir", str(nih_sample), "-p", "OutDir", str(out),
-           "-p", "NumExamples", "4", "--cwd", str(REPO / "notebooks"), "--no-progress-bar"]
+           "-p", "Images", "all", "-p", "NumExamples", "4", "--cwd", str(REPO / "notebooks"), "--no-progress-bar"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     import pandas as pd
 
-    summary = pd.read_csv(out / "tables" / "localisation.csv")
-    assert summary.iloc[-1]["finding"] == "All" and summary.iloc[-1]["boxes"] == 7
-    assert (out / "figures" / "localisation.png").stat().st_size > 10_000
-    md = (out / "tables" / "localisation.md").read_text()
-    assert md.startswith("### SYNTHETIC data - Pointing game")  # the run was marked synthetic
+    record = json.loads((out / "tables" / "localisation.json").read_text())
+    assert record["headline"]["boxes"] == record["headline"]["images"] == 7
+    assert len(pd.read_csv(out / "tables" / "localisation_boxes.csv")) == 7
+    assert (out / "figures" / "localisation_examples.png").stat().st_size > 10_000
+    # real images, but the run was marked synthetic: the table says so
+    assert record["tables"][0]["title"].startswith("SYNTHETIC DATA - Pointing game")
     nb = json.loads(executed.read_text())
     params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1
