@@ -23,7 +23,7 @@ REPRODUCE_PARAMETERS = ("Profile", "Smoke", "DataFull", "DataCardiomegaly", "Out
 REQUIRED_PARAMETERS = ("OutDir",)  # every notebook writes where reproduce says; the rest where relevant
 TRAINER_NOTEBOOKS = {"single_task", "multi_task", "transformer"}
 EXPERIMENT_NOTEBOOKS = ("data_exploration", "single_task", "multi_task", "transformer", "backbone_ablation",
-                        "freeze_ablation", "results")
+                        "freeze_ablation", "localisation", "results")
 # Text that means a notebook grew its own training loop, dataset, metric or path hack.
 FORBIDDEN = (".backward(", "optimizer.step", "optim.", "roc_auc_score", "sklearn", "DataLoader", "Dataset(",
              "sys.path", "torch.load", "zero_grad", "manual_seed")
