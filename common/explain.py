@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,7 +283,7 @@ def box_frame(bbox_csv: str | os.PathLike) -> int | None:
 
 
 def pointing_game(model: str | os.PathLike | Predictor, bbox_csv: str | os.PathLike,
-                  image_dir: str | os.PathLike, progress: bool = True, images: Any = None,
+                  image_dir: str | os.PathLike, progress: bool = True, images: Iterable[str] | None = None,
                   frame: int | None | str = "auto") -> Any:
     """For each image and finding with radiologist boxes (the image in image_dir, the finding a model
     output): does the Grad-CAM maximum of that finding fall inside one of its boxes? (The pointing
