@@ -1056,7 +1056,7 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
     if not data.dirs():
         raise ValueError("no data: give DataFull and/or DataCardiomegaly, or leave both None for the defaults")
     root = ex.runs_dir(runs_dir)
-    exp = ex.Experiment("compression", "Compression: int8, pruning and distillation", f"{prof.name} ({prof.description})",
+    exp = ex.Experiment("compression", "Compression: int8, pruning and distillation", prof.label,
                         data)
     named = dict(ex.BACKBONES)
     by_timm = {t: r for r, t in ex.BACKBONES}
@@ -1099,11 +1099,12 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
         pruned.append(run_dir)
         role = f"{teacher_name} pruned {s_:.0%}" + (" channels" if structured else "")
         exp.runs[role] = ex.RunRef(role, run_dir, teacher_name, runs.read_config(run_dir)["model"]["model_name"], reused)
+    student_weights = prof.pretrained_for(student_model)
     params = {"student": student_model, "image_size": size, "temperature": float(temperature), "alpha": float(alpha),
-              "epochs": prof.epochs, "max_steps": prof.max_steps, "lr": prof.lr, "pretrained": prof.pretrained}
+              "epochs": prof.epochs, "max_steps": prof.max_steps, "lr": prof.lr, "pretrained": student_weights}
     student_run, reused = cached_compress("distill", teacher_run, params, root, lambda out: distill_run(
         teacher_run, out, student=student_model, student_image_size=size, temperature=temperature, alpha=alpha,
-        epochs=prof.epochs, max_steps=prof.max_steps, lr=prof.lr, pretrained=prof.pretrained, **fit_common))
+        epochs=prof.epochs, max_steps=prof.max_steps, lr=prof.lr, pretrained=student_weights, **fit_common))
     exp.runs[f"student ({student_model})"] = ex.RunRef(f"student ({student_model})", student_run, student,
                                                        student_model, reused)
     variants = variants_for(backbone_runs, pruned, [student_run])
