@@ -276,13 +276,26 @@ def load_data(root: str | Path):
     return _load_dataset_cached(str(root), _label_files(root))
 
 
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 (16 hex digits) of a file's bytes, memoised while its size and mtime are unchanged."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def dataset_identity(root: str | Path) -> dict:
     """A dataset folder's identity in a run key: path, layout, image and patient counts, and the
-    size and mtime of each label file (a changed label file makes a new run)."""
+    content of each label file (an edited label file makes a new run; a label file that was only
+    touched or unpacked again keeps its runs)."""
+    root = Path(root).resolve()
     ds = load_data(root)
-    return {"path": str(Path(root).resolve()), "layout": ds.layout, "images": int(len(ds.frame)),
+    return {"path": str(root), "layout": ds.layout, "images": int(len(ds.frame)),
             "patients": int(ds.frame["patient_id"].nunique()),
-            "label_files": [list(t) for t in _label_files(Path(root).resolve())]}
+            "label_files": [[name, size, _file_digest(str(root / name), size, mtime)]
+                            for name, size, mtime in _label_files(root)]}
 
 
 @dataclass(frozen=True)

@@ -529,7 +529,7 @@ def localisation(run: str | os.PathLike | None = None, data_dir: str | os.PathLi
     predictor = load_predictor(run)
     data = dataclasses.replace(data, synthetic=data.synthetic or bool(predictor.synthetic))
     exp = experiments.Experiment("localisation", "Localisation: the Grad-CAM pointing game",
-                                 f"{prof.name} ({prof.description})", data)
+                                 prof.label, data)
     where = experiments.display_path(data.full) if data.full is not None else None
     bbox = bbox_file(data.full)
     scored = held_out_images(run) if images == "test" else None

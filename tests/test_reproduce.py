@@ -162,7 +162,7 @@ def test_run_keys_follow_the_configuration_and_the_data(cardiomegaly_64, tmp_pat
     assert key == experiments.run_key(_config([cardiomegaly_64], num_workers=3, device="cpu", out="elsewhere"))
     assert key != experiments.run_key(_config([cardiomegaly_64], lr=1e-4))
     assert key != experiments.run_key(_config([cardiomegaly_64], task="all14"))
-    # the same data elsewhere is another dataset; a changed label file is another run
+    # the same data elsewhere is another dataset; an edited label file is another run, a touched one is not
     copy = tmp_path / "cardio"
     shutil.copytree(cardiomegaly_64, copy)
     k1 = experiments.run_key(_config([copy]))
@@ -170,6 +170,12 @@ def test_run_keys_follow_the_configuration_and_the_data(cardiomegaly_64, tmp_pat
     csv = copy / "train.csv"
     st = csv.stat()
     os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    experiments._load_dataset_cached.cache_clear()
+    assert experiments.run_key(_config([copy])) == k1
+    lines = csv.read_text().splitlines()
+    header, first = lines[0], lines[1].split(",")
+    first[1] = "No Finding" if first[1] == "Cardiomegaly" else "Cardiomegaly"  # one label flipped, same size or not
+    csv.write_text("\n".join([header, ",".join(first), *lines[2:]]) + "\n")
     experiments._load_dataset_cached.cache_clear()
     assert experiments.run_key(_config([copy])) != k1
 
