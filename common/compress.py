@@ -10,10 +10,10 @@
                                                         student_runs=["runs/all14-student"]))
     print(compress.table_markdown(rows))                  # notebooks: compression_experiment(...)
 
-- int8: ONNX Runtime static QDQ quantisation with per-channel weights, calibrated on dev-split
-  images, dynamic quantisation as the fallback: `common.export` does it; the result is an export
-  folder (`model.onnx`, `model.int8.onnx`, `model.json`) that `medimaging predict --onnx --int8`
-  and the app serve.
+- int8: ONNX Runtime static QDQ quantisation with per-channel weights, activation ranges calibrated
+  on dev-split images (`common.export.INT8_RECIPE`), dynamic quantisation as the fallback:
+  `common.export` does it; the result is an export folder (`model.onnx`, `model.int8.onnx`,
+  `model.json`) that `medimaging predict --onnx --int8` and the app serve.
 - prune: magnitude pruning (`common.prune`) of the run's best weights, then a short fine-tune by
   `common.train.fit` with the masks held fixed (`FitHooks.on_model`), so the zeros are in
   best.safetensors and in the exported ONNX initialisers; achieved sparsity is measured in both.
@@ -109,7 +109,7 @@ def read_report(path: str | os.PathLike) -> dict | None:
 
 def quantize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                  calibration_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
-                 n_calibration: int = 64, log: Callable[[str], None] | None = None) -> Path:
+                 n_calibration: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Post-training int8 of a run: an export folder with model.onnx and model.int8.onnx.
 
     Static QDQ, per-channel weights, calibrated on the run's dev-split images (or the given ones);
@@ -472,8 +472,9 @@ def file_stats(path: str | os.PathLike) -> dict:
 
 
 def ensure_export(run_dir: str | os.PathLike, int8: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """RUN/export with model.onnx (and model.int8.onnx); exported only when missing or older than the weights."""
-    from common.export import export_onnx
+    """RUN/export with model.onnx (and model.int8.onnx); exported only when missing, older than the
+    weights, or (int8) quantised with another recipe than common.export.INT8_RECIPE."""
+    from common.export import INT8_RECIPE, export_onnx
     from common.onnx_predict import FP32, INT8
 
     run_dir = Path(run_dir)
@@ -482,6 +483,9 @@ def ensure_export(run_dir: str | os.PathLike, int8: bool = True, log: Callable[[
     needed = [out / FP32, out / "model.json"] + ([out / INT8] if int8 else [])
     fresh = all(p.is_file() for p in needed) and (
         not weights.is_file() or min(p.stat().st_mtime for p in needed) >= weights.stat().st_mtime)
+    if fresh and int8:
+        report = runs.load_json(out / "model.json").get("int8") or {}
+        fresh = report.get("recipe") == INT8_RECIPE
     if not fresh:
         export_onnx(run_dir, out, int8=int8, log=log or _stderr)
     return out

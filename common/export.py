@@ -8,10 +8,12 @@ The folder holds everything serving needs, so `common.onnx_predict` never opens 
 
     model.onnx        input "image" float32 [batch, C, S, S] (dynamic batch) -> "logits" [batch, L];
                       CNNs with a global-average-pooled head also output "features" [batch, C', h, w]
-    model.int8.onnx   (--int8) static QDQ quantisation, per-channel weights, calibrated on the run's
-                      dev split (or given images); dynamic quantisation when static fails
+    model.int8.onnx   (--int8) static QDQ quantisation, per-channel weights, activations calibrated
+                      (INT8_RECIPE) on the run's dev split (or given images); dynamic
+                      quantisation when static fails
     model.json        labels, thresholds, preprocessing ("input"), outputs, Grad-CAM method, parity
-                      measured at export, versions, whether the run's data was synthetic
+                      measured at export, the int8 report and recipe, versions, whether the run's
+                      data was synthetic
     head.npz          the head's weights, for Grad-CAM in numpy (CNNs only)
     .ort-optimized/   ONNX Runtime's fully optimised graphs for this machine (a cache; see
                       common.onnx_predict.open_session), rebuilt on another machine
@@ -209,7 +211,7 @@ def export_model(
     int8: bool = False,
     calibration_images: Sequence[str | os.PathLike] | None = None,
     opset: int | None = None,
-    n_calibration: int = 64,
+    n_calibration: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a MedImagingModel (in memory) to out_dir; see the module docstring for the files.
@@ -313,41 +315,117 @@ def _calibration_batches(paths: Sequence[str | os.PathLike], input_cfg: dict, n:
     return batches
 
 
+# The int8 recipe, recorded in model.json's int8 report (the app shows it). Bump `version` with any
+# change: compress.ensure_export re-quantises exports whose recorded recipe differs. Measured on the
+# synthetic default (quick): Percentile / moving-average ranges, more images, fp32 depthwise / stem /
+# head nodes or Conv-only quantisation did not make int8 EfficientNet-B0 / MobileNetV3 follow their
+# fp32 ranking any better (the AUROC changes they gave were noise); 16-bit activations did, but ran
+# 3-4x slower than fp32, ResNet included.
+INT8_RECIPE = {
+    "version": 1,
+    "format": "QDQ",
+    "weights": "QInt8 per-channel",
+    "activations": "QUInt8",  # QUInt8 | QInt8 | QUInt16 (onnxruntime QuantType)
+    "calibration": "MinMax",  # MinMax | Percentile | Entropy (onnxruntime CalibrationMethod)
+    "percentile": None,  # Percentile only: the share of each activation's |values| its range covers
+    "moving_average": False,  # MinMax only: ranges averaged over images instead of the extremes
+    "calibration_images": 64,  # default count; the report's n_calibration says how many were used
+    "op_types": None,  # None: every op ONNX Runtime can quantise
+    # nodes kept fp32: "stem" (the first conv), "head" (all after global pooling), "depthwise" (grouped convs)
+    "exclude": [],
+}
+CALIBRATION_CHUNK = 16  # images per calibration pass: bounds the memory of the collected activations
+
+
+def _excluded_nodes(model_path: Path, parts: Sequence[str]) -> list[str]:
+    """Names of the nodes that `parts` ("stem", "head", "depthwise") of a recipe keep in fp32."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    names: list[str] = []
+    if "depthwise" in parts:
+        names += [n.name for n in graph.node if n.op_type == "Conv"
+                  and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    if "stem" in parts:
+        inputs = {i.name for i in graph.input}
+        names += [n.name for n in graph.node if n.op_type == "Conv" and n.input[0] in inputs][:1]
+    if "head" in parts:
+        pools = [n for n in graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean", "GlobalMaxPool")]
+        if pools:
+            # every node downstream of the last global pooling, up to the logits
+            consumers: dict[str, list] = {}
+            for n in graph.node:
+                for i in n.input:
+                    consumers.setdefault(i, []).append(n)
+            seen, todo = set(), list(pools[-1].output)
+            while todo:
+                for n in consumers.get(todo.pop(), []):
+                    if n.name not in seen:
+                        seen.add(n.name)
+                        names.append(n.name)
+                        todo += list(n.output)
+            names.append(pools[-1].name)
+    return names
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
     calibration_images: Sequence[str | os.PathLike],
     input_cfg: dict,
-    n_calibration: int = 64,
+    n_calibration: int | None = None,
     log: Callable[[str], None] | None = None,
+    recipe: dict | None = None,
 ) -> dict:
-    """Quantise an ONNX model to int8: static QDQ, per-channel weights, MinMax-calibrated on images.
+    """Quantise an ONNX model to int8 with `recipe` (INT8_RECIPE, updated by the given keys).
 
-    Falls back to dynamic quantisation (weights only) when static quantisation fails for an
-    architecture. Returns a JSON-able report: method, images used, agreement with fp32.
+    Static QDQ, per-channel weights, activations calibrated on up to n_calibration images (default:
+    the recipe's). Falls back to dynamic quantisation (weights only) when static quantisation fails
+    for an architecture. Returns a JSON-able report: method, recipe, images used, agreement with fp32.
     """
     import onnxruntime as ort
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
 
     log = log or _stderr
+    unknown = set(recipe or {}) - set(INT8_RECIPE)
+    if unknown:
+        raise ValueError(f"quantize_int8: unknown recipe keys {sorted(unknown)}; known: {sorted(INT8_RECIPE)}")
+    recipe = {**INT8_RECIPE, **(recipe or {})}
+    bad = [f"{k}={recipe[k]!r}" for k, ok in (
+        ("activations", hasattr(QuantType, str(recipe["activations"]))),
+        ("calibration", hasattr(CalibrationMethod, str(recipe["calibration"]))),
+        ("exclude", set(recipe["exclude"]) <= {"stem", "head", "depthwise"})) if not ok]
+    if bad:
+        raise ValueError(f"quantize_int8: unknown recipe settings {', '.join(bad)}")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    n_calibration = int(n_calibration or recipe["calibration_images"])
     batches = _calibration_batches(calibration_images, input_cfg, n_calibration, log)
     if not batches:
         raise ExportError(f"{out_path}: no readable calibration image among {len(calibration_images)} given")
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # read in chunks (set_range): see CALIBRATION_CHUNK
         def __init__(self):
             self.it = iter(batches)
+
+        def __len__(self):
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(batches[start_index:end_index])
 
         def get_next(self):
             x = next(self.it, None)
             return None if x is None else {"image": x}
 
+    # onnxruntime collects every activation of a pass in memory; chunks must divide the count
+    chunk = max(d for d in range(1, min(CALIBRATION_CHUNK, len(batches)) + 1) if len(batches) % d == 0)
+
     fd, tmp_name = tempfile.mkstemp(prefix=".model.int8.", suffix=".onnx", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     method, error = "static-qdq", None
+    excluded: list[str] = []
     with tempfile.TemporaryDirectory() as work:
         source = fp32_path
         try:  # shape inference + basic fusions first, as ONNX Runtime recommends
@@ -359,10 +437,17 @@ def quantize_int8(
         except Exception as err:  # symbolic shape inference fails on some graphs; quantise the raw one
             log(f"int8: pre-processing skipped ({type(err).__name__}: {str(err)[:120]})")
         try:
+            excluded = _excluded_nodes(source, recipe["exclude"])
+            extra = {"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": chunk}
+            if recipe["calibration"] == "Percentile" and recipe["percentile"]:
+                extra["CalibPercentile"] = float(recipe["percentile"])
+            if recipe["calibration"] == "MinMax" and recipe["moving_average"]:
+                extra["CalibMovingAverage"] = True
             quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"CalibTensorRangeSymmetric": False})
+                            activation_type=getattr(QuantType, recipe["activations"]), weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, recipe["calibration"]),
+                            op_types_to_quantize=recipe["op_types"], nodes_to_exclude=excluded,
+                            extra_options=extra)
             ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
         except Exception as err:
             error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
@@ -382,7 +467,8 @@ def quantize_int8(
     p32 = sigmoid(s32.run(["logits"], {"image": x})[0])
     p8 = sigmoid(s8.run(["logits"], {"image": x})[0])
     diff = np.abs(p8 - p32)
-    report = {"file": out_path.name, "method": method, "n_calibration": len(batches),
+    report = {"file": out_path.name, "method": method, "recipe": recipe,
+              "excluded_nodes": excluded if method == "static-qdq" else [], "n_calibration": len(batches),
               "max_abs_prob_diff_vs_fp32": float(diff.max()), "mean_abs_prob_diff_vs_fp32": float(diff.mean()),
               "n_compared": int(len(x)), "static_error": error,
               "size_mb": round(out_path.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32_path.stat().st_size / 1e6, 2)}
@@ -392,8 +478,9 @@ def quantize_int8(
     return report
 
 
-def calibration_paths(run_dir: str | os.PathLike, n: int = 64, seed: int = 0) -> list[str]:
-    """Up to n image paths from the dev split of the run's data (the split `fit` used), shuffled.
+def calibration_paths(run_dir: str | os.PathLike, n: int | None = None, seed: int = 0) -> list[str]:
+    """Up to n image paths (default: the int8 recipe's calibration_images) from the dev split of the
+    run's data (the split `fit` used), shuffled.
 
     Uses common.data (load_dataset, combine, patient_split) and common.train.select_task with the
     run's task, seed and fractions. Raises ExportError when the run's data folders are gone.
@@ -417,7 +504,7 @@ def calibration_paths(run_dir: str | os.PathLike, n: int = 64, seed: int = 0) ->
     if not dev:
         raise ExportError(f"{run_dir}: the run's dev split is empty; pass images with --calibration DIR")
     rng = np.random.default_rng(seed)
-    return [dev[i] for i in rng.permutation(len(dev))[:n]]
+    return [dev[i] for i in rng.permutation(len(dev))[:int(n or INT8_RECIPE["calibration_images"])]]
 
 
 def export_onnx(
@@ -426,7 +513,7 @@ def export_onnx(
     int8: bool = False,
     calibration_images: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
     opset: int | None = None,
-    n_calibration: int = 64,
+    n_calibration: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Export a run directory to ONNX (default out: RUN/export/); returns the export folder.

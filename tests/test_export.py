@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.cli import main as cli
-from common.export import ExportError, calibration_paths, export_onnx
+from common.export import INT8_RECIPE, ExportError, calibration_paths, export_onnx, quantize_int8
 from common.labels import LABELS, TASKS
 from common.onnx_predict import OnnxModelError, OnnxPredictor
 from common.predict import TorchPredictor, create_untrained_run
@@ -68,6 +68,7 @@ def test_int8_is_static_qdq_and_close_to_fp32(cnn_export, nih_sample):
     meta = json.loads((out / "model.json").read_text())
     q = meta["int8"]
     assert q["method"] == "static-qdq" and q["n_calibration"] == 16 and q["file"] == "model.int8.onnx"
+    assert q["recipe"] == INT8_RECIPE  # the app shows it; ensure_export compares it
     ops = {n.op_type for n in onnx.load(str(out / "model.int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
@@ -76,6 +77,46 @@ def test_int8_is_static_qdq_and_close_to_fp32(cnn_export, nih_sample):
     p8 = OnnxPredictor(out, int8=True).predict_proba(images)
     assert np.abs(p8 - p32).max() < 0.02
     assert not np.array_equal(p8, p32)  # really a different (quantised) model
+
+
+def test_int8_recipe_keeps_excluded_nodes_fp32(cnn_export, nih_sample, tmp_path):
+    import onnx
+
+    _run, out = cnn_export
+    meta = json.loads((out / "model.json").read_text())
+    report = quantize_int8(out / "model.onnx", tmp_path / "model.int8.onnx", _images(nih_sample, 8, start=100),
+                           meta["input"], n_calibration=8, recipe={"exclude": ["stem", "depthwise"]},
+                           log=lambda m: None)
+    excluded = set(report["excluded_nodes"])
+    assert report["method"] == "static-qdq" and report["recipe"]["exclude"] == ["stem", "depthwise"]
+    graph = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    float_inits = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    kept = [n for n in convs if n.name in excluded]
+    assert len(kept) >= 2 and len(kept) == len(excluded & {n.name for n in convs})
+    assert all(n.input[1] in float_inits for n in kept)  # fp32 weights, no int8 copy
+    assert all(n.input[1] in dequantised for n in convs if n.name not in excluded)  # the rest is int8
+    with pytest.raises(ValueError, match="exclude="):
+        quantize_int8(out / "model.onnx", tmp_path / "bad.onnx", [], meta["input"], recipe={"exclude": ["neck"]})
+
+
+def test_ensure_export_requantises_when_the_recipe_changed(cnn_export, tmp_path):
+    import shutil
+
+    from common.compress import ensure_export
+
+    run = tmp_path / "run"
+    shutil.copytree(cnn_export[0], run)  # copy2: modification times kept, so the export is fresh
+    before = (run / "export" / "model.int8.onnx").stat().st_mtime_ns
+    assert ensure_export(run, int8=True) == run / "export"
+    assert (run / "export" / "model.int8.onnx").stat().st_mtime_ns == before  # same recipe: reused
+    meta = json.loads((run / "export" / "model.json").read_text())
+    meta["int8"]["recipe"] = {**INT8_RECIPE, "version": INT8_RECIPE["version"] - 1}
+    (run / "export" / "model.json").write_text(json.dumps(meta))
+    # another recipe: re-exported, which needs the run's data for calibration (an untrained run has none)
+    with pytest.raises(ExportError, match="int8 calibration"):
+        ensure_export(run, int8=True, log=lambda m: None)
 
 
 def test_int8_falls_back_to_dynamic_quantisation_when_static_fails(tmp_path, nih_sample, monkeypatch):
