@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8")
     g.add_argument("--calibration", metavar="DIR_OR_IMAGE", action="append", default=None,
                    help="calibration images (default: the run's dev-split images)")
-    g.add_argument("--n-calibration", type=positive_int, default=64, metavar="N",
-                   help="calibration images used (default: 64)")
+    g.add_argument("--n-calibration", type=positive_int, default=None, metavar="N",
+                   help="calibration images used (default: the int8 recipe's, 64)")
     g = p.add_argument_group("prune")
     g.add_argument("--sparsity", type=open_fraction, default=None, metavar="S",
                    help="share of prunable weights (or, --structured, of output channels) set to zero, e.g. 0.5")
@@ -92,7 +92,7 @@ def _misused(args: argparse.Namespace) -> str | None:
                   ("--scope", args.scope != "global"), ("--norm", args.norm != 1)],
         "distill": [("--student", args.student is not None), ("--student-image-size", args.student_image_size is not None),
                     ("--temperature", args.temperature != 2.0), ("--alpha", args.alpha != 0.5)],
-        "int8": [("--calibration", args.calibration is not None), ("--n-calibration", args.n_calibration != 64)],
+        "int8": [("--calibration", args.calibration is not None), ("--n-calibration", args.n_calibration is not None)],
     }
     training = [("--epochs", args.epochs is not None), ("--max-steps", args.max_steps is not None),
                 ("--lr", args.lr is not None), ("--batch-size", args.batch_size is not None),

@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write model.int8.onnx: static QDQ int8, per-channel weights (dynamic if static fails)")
     p.add_argument("--calibration", default=None, metavar="DIR",
                    help="images to calibrate int8 on (default: dev-split images of the run's data)")
-    p.add_argument("--n-calibration", type=positive_int, default=64, metavar="N",
-                   help="calibration images to use (default: 64)")
+    p.add_argument("--n-calibration", type=positive_int, default=None, metavar="N",
+                   help="calibration images to use (default: the int8 recipe's, 64)")
     p.add_argument("--opset", type=positive_int, default=None, metavar="N",
                    help="ONNX opset (default: the exporter's, currently 20 with torch's dynamo exporter)")
 
