@@ -214,6 +214,18 @@ KNOBS = {
 }
 
 
+def knobs_of(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer file's knobs: its module-level names that start with a capital letter.
+
+        knobs = experiments.knobs_of(globals())   # in the trainer's run(), read when it runs
+    """
+    knobs = {k: v for k, v in namespace.items() if k[:1].isupper()}
+    unknown = [k for k in knobs if k not in KNOBS]
+    if unknown:
+        raise TypeError(f"knob(s) {unknown} have no experiment argument; known: {sorted(KNOBS)}")
+    return knobs
+
+
 def knobs_to_kwargs(knobs: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge a trainer file's knobs with overrides (None keeps the knob) into keyword arguments."""
     merged = dict(knobs)

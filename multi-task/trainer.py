@@ -26,9 +26,7 @@ RunsDir = None  # the run cache; None: $MEDIMAGING_RUNS, else ~/.cache/medimagin
 
 def run(**overrides) -> experiments.Experiment:
     """This experiment with the knobs above; keyword overrides use the same names (None keeps a knob)."""
-    knobs = dict(ModelName=ModelName, Profile=Profile, DataFull=DataFull, DataCardiomegaly=DataCardiomegaly,
-                 ImageSize=ImageSize, Epochs=Epochs, BatchSize=BatchSize, LearningRate=LearningRate, Head=Head,
-                 Seed=Seed, WithoutStage1=WithoutStage1, Smoke=Smoke, RunsDir=RunsDir)
+    knobs = experiments.knobs_of(globals())  # the capitalised names above
     return experiments.multi_task(**experiments.knobs_to_kwargs(knobs, overrides))
 
 
