@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "export",
     "compress": "compress",
     "reproduce": "reproduce",
+    "cache": "cache",
 }
 
 

@@ -1032,6 +1032,9 @@ def cached_compress(method: str, source: Path, params: dict, runs_root: Path,
     out = runs_root / f"{source.name}--{method}-{_key({'source': str(source), **params})}"
     if (out / COMPRESSION_JSON).is_file() and (out / EXPORT_DIR / "model.json").is_file():
         print(f"{method}: reusing the finished {out}", file=sys.stderr)
+        from common.experiments import touch_used
+
+        touch_used(out)
         return out, True
     return make(out), False
 

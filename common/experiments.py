@@ -520,6 +520,15 @@ def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *
     )
 
 
+def touch_used(run_dir: Path) -> None:
+    """Mark a cached run as just used (its folder's mtime), so `medimaging cache clear --older-than`
+    keeps what is still being reused. Nothing reads the folder's mtime as a run's identity."""
+    try:
+        os.utime(run_dir)
+    except OSError:  # a read-only run cache is still usable
+        pass
+
+
 def cached_fit(config, role: str, requested_model: str, runs: str | Path | None = None) -> RunRef:
     """Train `config` into RUNS/<task>-<model>-<key>, or reuse that run when it already finished."""
     from common.train import fit
@@ -531,6 +540,7 @@ def cached_fit(config, role: str, requested_model: str, runs: str | Path | None 
     reused = done.is_file()
     if reused:
         print(f"{role}: reusing the finished run {display_path(run_dir)}", file=sys.stderr)
+        touch_used(run_dir)
     else:
         with _run_lock(run_dir):
             reused = done.is_file()  # another process may have finished it while we waited

@@ -212,9 +212,12 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> R
 
 
 def find_runs(root: str | Path) -> list[Path]:
-    """Run directories below root (those with a config.json and weights), newest first."""
+    """Run directories below root (those with a config.json and weights), newest first.
+
+    Newest by config.json, written when the run was made: the folder's own mtime moves whenever
+    something is added to it (an export) or the run cache reuses it."""
     root = Path(root)
     if not root.is_dir():
         return []
     runs = [p.parent for p in root.rglob(CONFIG) if (p.parent / BEST).is_file() or (p.parent / LAST).is_file()]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(runs, key=lambda p: (p / CONFIG).stat().st_mtime, reverse=True)

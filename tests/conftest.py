@@ -40,11 +40,15 @@ def cardiomegaly_64(sample_data: Path) -> Path:
     return sample_data / "nih-64-cardiomegaly"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own image cache, so tests never touch a user's cache."""
-    cache = tmp_path_factory.getbasetemp() / "medimaging-cache"
-    monkeypatch.setenv("MEDIMAGING_CACHE", str(cache))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """The test session gets its own cache (images, synthetic data, runs), so tests never touch a
+    user's. Session-scoped, so it is in place before any module or session fixture trains or decodes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDIMAGING_CACHE", str(tmp_path_factory.getbasetemp() / "medimaging-cache"))
+        for name in ("MEDIMAGING_RUNS", "MEDIMAGING_WEIGHTS"):
+            mp.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -77,5 +77,5 @@ def test_atomic_writes_make_ordinary_files(tmp_path):
 
 def test_cli_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "common", "--help"], capture_output=True, text=True, check=True)
-    for name in ("data", "train", "evaluate", "predict", "explain", "export", "compress", "reproduce"):
+    for name in ("data", "train", "evaluate", "predict", "explain", "export", "compress", "reproduce", "cache"):
         assert name in out.stdout

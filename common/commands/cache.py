@@ -1,0 +1,237 @@
+"""`medimaging cache`: what the suite keeps on disk, and clearing it.
+
+    medimaging cache [list] [--json]
+    medimaging cache clear {runs,images,synthetic,all} [--older-than DAYS] [--unfinished] [--dry-run]
+
+Three things live under the cache folder ($MEDIMAGING_CACHE, else ~/.cache/medimaging):
+
+  images-v1/<size>px   decoded images, one memory-mapped store per image size (rebuilt on demand)
+  synthetic-v1/        the embedded default dataset (regenerated on demand, byte-identical)
+  runs/                finished trainings and compressions that `medimaging reproduce`, the
+                       notebooks and the trainer files reuse ($MEDIMAGING_RUNS moves it); a quick
+                       profile run is tens of MB, so this is the part that grows
+
+`list` shows each entry with its size, when it was last used (a run's folder is touched each time
+it is reused) and, for runs, whether it finished. `clear` deletes what it selects and says what it
+freed; anything another process holds (a training in progress, an image store being written) is
+skipped and reported. Everything here can be made again: clearing costs time, never results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.commands._types import positive_float
+
+HELP = "what the suite caches on disk (decoded images, synthetic data, reusable runs) and clearing it"
+KINDS = ("runs", "images", "synthetic")
+
+
+@dataclass
+class Entry:
+    kind: str  # runs | images | synthetic
+    name: str
+    path: str
+    bytes: int
+    last_used: float  # seconds since the epoch
+    finished: bool | None  # runs only
+    detail: str
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    s = sub.add_parser("list", help="every cached entry with its size and when it was last used (the default)")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    c = sub.add_parser("clear", help="delete cached entries (everything here can be made again)")
+    c.add_argument("what", choices=(*KINDS, "all"), help="which part of the cache")
+    c.add_argument("--older-than", type=positive_float, metavar="DAYS",
+                   help="only entries last used more than DAYS days ago")
+    c.add_argument("--unfinished", action="store_true",
+                   help="only runs that never finished (interrupted trainings; not ones in progress)")
+    c.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # `medimaging cache --json`
+
+
+def _size_and_mtime(path: Path) -> tuple[int, float]:
+    """Bytes on disk below `path` and the newest mtime of it or anything in it."""
+    total, newest = 0, path.stat().st_mtime
+    for p in path.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:  # deleted while we walked
+            continue
+        total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+        newest = max(newest, st.st_mtime)
+    return total, newest
+
+
+def _run_detail(run: Path) -> tuple[bool, str]:
+    from common import runs as runfiles
+    from common.compress import COMPRESSION_JSON
+
+    finished = (run / runfiles.METRICS_JSON).is_file() or (run / COMPRESSION_JSON).is_file()
+    try:
+        cfg = json.loads((run / runfiles.CONFIG).read_text())
+        train = cfg.get("train") or {}
+        detail = f"{train.get('model_name', '?')} {train.get('task', '?')} {train.get('image_size', '?')}px"
+    except (OSError, ValueError):
+        detail = "no config.json"
+    return finished, detail
+
+
+def inventory(cache: Path | None = None, runs: Path | None = None) -> list[Entry]:
+    """Every entry of the cache (see the module docstring), runs first, largest first within a kind."""
+    from common.cache import STORE_VERSION, cache_root
+    from common.experiments import runs_dir
+    from common.synthetic import synthetic_root
+
+    cache = Path(cache) if cache is not None else cache_root()
+    runs = Path(runs) if runs is not None else runs_dir()
+    synthetic = cache / synthetic_root().name
+    entries: list[Entry] = []
+    for kind, root in (("runs", runs), ("images", cache / STORE_VERSION), ("synthetic", synthetic)):
+        if not root.is_dir():
+            continue
+        for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            size, newest = _size_and_mtime(path)
+            finished, detail = _run_detail(path) if kind == "runs" else (None, "")
+            if kind == "images":
+                detail = f"{_count_images(path)} images"
+            elif kind == "synthetic":
+                detail = f"{sum(1 for _ in path.rglob('*.png'))} images, {path.name} layout"
+            entries.append(Entry(kind, path.name, str(path), size, newest, finished, detail))
+    order = {k: i for i, k in enumerate(KINDS)}
+    return sorted(entries, key=lambda e: (order[e.kind], -e.bytes))
+
+
+def _count_images(store: Path) -> int:
+    import sqlite3
+
+    index = store / "index.sqlite"
+    if not index.is_file():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM entries WHERE ok = 1").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def human_age(seconds: float) -> str:
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
+
+
+def format_inventory(entries: list[Entry], cache: Path, runs: Path, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"cache: {cache}", f"runs:  {runs}", ""]
+    if not entries:
+        return "\n".join(lines + ["(empty)"])
+    lines.append(f"{'kind':<10}{'size':>10}  {'last used':<12}{'state':<11}name")
+    for e in entries:
+        state = "" if e.finished is None else "finished" if e.finished else "unfinished"
+        lines.append(f"{e.kind:<10}{human_bytes(e.bytes):>10}  {human_age(now - e.last_used):<12}{state:<11}"
+                     f"{e.name}  ({e.detail})")
+    lines.append("")
+    for kind in KINDS:
+        part = [e for e in entries if e.kind == kind]
+        if part:
+            lines.append(f"{kind:<10}{human_bytes(sum(e.bytes for e in part)):>10}  {len(part)} entries")
+    lines.append(f"{'total':<10}{human_bytes(sum(e.bytes for e in entries)):>10}")
+    return "\n".join(lines)
+
+
+def _lock_file(entry: Entry) -> Path | None:
+    """The file a writer of this entry holds an flock on (see common.experiments / common.cache)."""
+    if entry.kind == "runs":
+        return Path(entry.path) / ".lock"
+    if entry.kind == "images":
+        return Path(entry.path) / "lock"
+    return None
+
+
+def _delete(entry: Entry) -> str | None:
+    """Delete one entry unless another process holds its lock; None when deleted, else why not."""
+    import fcntl
+
+    lock = _lock_file(entry)
+    if lock is None or not lock.is_file():
+        shutil.rmtree(entry.path)
+        return None
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "in use by another process (a training or decode in progress)"
+        shutil.rmtree(entry.path)  # the open handle keeps the lock until we are done
+    return None
+
+
+def select(entries: list[Entry], what: str, older_than_days: float | None = None, unfinished: bool = False,
+           now: float | None = None) -> list[Entry]:
+    now = time.time() if now is None else now
+    chosen = [e for e in entries if what == "all" or e.kind == what]
+    if older_than_days is not None:
+        chosen = [e for e in chosen if now - e.last_used > older_than_days * 86400]
+    if unfinished:
+        chosen = [e for e in chosen if e.kind == "runs" and e.finished is False]
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.cache import cache_root
+    from common.experiments import runs_dir
+
+    cache, runs = cache_root(), runs_dir()
+    entries = inventory(cache, runs)
+    if args.cache_command in (None, "list"):
+        if args.json:
+            print(json.dumps({"cache": str(cache), "runs": str(runs), "entries": [asdict(e) for e in entries],
+                              "total_bytes": sum(e.bytes for e in entries)}, indent=2))
+        else:
+            print(format_inventory(entries, cache, runs))
+        return 0
+    if args.unfinished and args.what not in ("runs", "all"):
+        print("error: --unfinished applies to runs only: use `medimaging cache clear runs --unfinished`",
+              file=sys.stderr)
+        return 2
+    chosen = select(entries, args.what, args.older_than, args.unfinished)
+    if not chosen:
+        print(f"nothing to clear ({args.what}" + (f", last used over {args.older_than:g} days ago" if args.older_than
+                                                   else "") + (", unfinished" if args.unfinished else "") + ")")
+        return 0
+    freed, skipped = 0, 0
+    for e in chosen:
+        if args.dry_run:
+            print(f"would delete {e.kind}/{e.name} ({human_bytes(e.bytes)})")
+            freed += e.bytes
+            continue
+        why = _delete(e)
+        if why:
+            skipped += 1
+            print(f"kept {e.kind}/{e.name}: {why}", file=sys.stderr)
+        else:
+            freed += e.bytes
+            print(f"deleted {e.kind}/{e.name} ({human_bytes(e.bytes)})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {human_bytes(freed)} in {len(chosen) - skipped} entries" + (f"; {skipped} in use, kept" if skipped
+                                                                              else ""))
+    return 0
