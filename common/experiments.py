@@ -502,6 +502,14 @@ class RunRef:
         return cls(d["role"], Path(d["run_dir"]), d["requested_model"], d["model_name"], bool(d["reused"]))
 
 
+def _workers(wanted: int) -> int:
+    """A profile's DataLoader workers, at most one per core: the paper profile's 4 on a 2-core
+    machine only add processes (and torch's warning about them). Not part of a run's key."""
+    from common.cache import default_workers
+
+    return min(int(wanted), default_workers())
+
+
 def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *, init_from: str | Path | None = None,
                  freeze: int = 0, image_size: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, head: str = "mlp", seed: int = 49):
@@ -516,7 +524,7 @@ def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *
         image_size=int(image_size or profile.image_size), epochs=int(epochs or profile.epochs),
         max_steps=profile.max_steps, batch_size=int(batch_size or profile.batch_size), lr=float(lr or profile.lr),
         warmup_steps=profile.warmup_steps, patience=profile.patience, n_boot=profile.n_boot, seed=int(seed),
-        num_workers=profile.num_workers, out="",
+        num_workers=_workers(profile.num_workers), out="",
     )
 
 

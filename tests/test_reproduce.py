@@ -77,6 +77,17 @@ def test_profiles_map_backbones_as_documented():
         experiments.get_profile("huge")
 
 
+def test_profile_workers_never_exceed_the_cores(monkeypatch, cardiomegaly_64):
+    import common.cache
+
+    data = experiments.DataSpec(None, cardiomegaly_64, False)
+    paper = experiments.get_profile("paper", weights="none")
+    for cores, expected in ((2, 2), (16, paper.num_workers)):
+        monkeypatch.setattr(common.cache, "default_workers", lambda: cores)
+        cfg = experiments.train_config(paper, experiments.STUDY_MODEL, "cardiomegaly", data)
+        assert cfg.num_workers == expected
+
+
 def test_every_quick_model_is_a_timm_model():
     import timm
 
