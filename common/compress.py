@@ -51,7 +51,6 @@ from common.labels import TASKS
 COMPRESSION_JSON = "compression.json"
 DISTILL_LOSS_CSV = "distill_loss.csv"
 EXPORT_DIR = "export"  # the same name common.onnx_predict uses for a run's export folder
-METHODS = ("int8", "prune", "distill")
 DEFAULT_STUDENT = "mobilenetv3_small_100"
 PRUNE_LR_FACTOR = 0.1  # fine-tuning a pruned model: a tenth of the source run's learning rate
 
@@ -520,7 +519,6 @@ def measure_served(export_dir: str | os.PathLike, int8: bool, images: Sequence[s
 
 def _measure_child(spec: dict) -> dict:
     """The child's side of `measure_served`: only numpy, Pillow and ONNX Runtime are imported."""
-    import resource
     import time
 
     from common.onnx_predict import OnnxPredictor

@@ -20,7 +20,6 @@ Layouts (detected automatically):
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ LAYOUT_HELP = (
 _ID_COLUMNS = ("Image Index", "imageID", "image_id", "ImageID", "Image", "image", "filename", "file", "id")
 _FINDINGS_COLUMNS = ("Finding Labels", "disease", "Finding_Labels", "findings", "labels", "label")
 _NIH_REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
-_PATIENT_RE = re.compile(r"^(\d{8})_\d+$")
 
 
 class DatasetError(ValueError):
@@ -76,21 +74,11 @@ class XrayData:
         """(N, 14) float32 label matrix in LABELS order (NaN = not labelled)."""
         return self.frame[list(LABELS)].to_numpy(dtype=np.float32)
 
-    @property
-    def paths(self) -> list[str]:
-        return self.frame["path"].tolist()
-
     def __len__(self) -> int:
         return len(self.frame)
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _patient_from_image_id(image_id: str) -> str:
-    stem = os.path.splitext(image_id)[0]
-    m = _PATIENT_RE.match(stem)
-    return m.group(1) if m else stem
-
-
 def _patients_from_ids(ids: pd.Series) -> pd.Series:
     stems = ids.str.replace(r"\.[^.]*$", "", regex=True)
     nih = stems.str.extract(r"^(\d{8})_\d+$", expand=False)
@@ -475,10 +463,11 @@ def _resolve_data_dir(d: str | Path) -> Path:
     return (repo / p).resolve() if (repo / p).exists() else p.resolve()
 
 
-def _has_data(folder: Path) -> bool:
+def has_data(folder: Path) -> bool:
+    """A folder with something in it besides hidden files and its README."""
     if not folder.is_dir():
         return False
-    return any(not e.name.startswith(".") and e.name.lower() != "readme.md" for e in os.scandir(folder))
+    return any(not e.name.startswith(".") and not e.name.lower().startswith("readme") for e in os.scandir(folder))
 
 
 def default_data_dirs(full_dir: str | Path = "dataset_full",
@@ -487,7 +476,7 @@ def default_data_dirs(full_dir: str | Path = "dataset_full",
     when both are empty or missing, the synthetic default ([nih, cardiomegaly] under
     cache_root()/synthetic-v1, generated once and reused), `is_synthetic`=True.
     """
-    found = [p for p in (_resolve_data_dir(full_dir), _resolve_data_dir(cardio_dir)) if _has_data(p)]
+    found = [p for p in (_resolve_data_dir(full_dir), _resolve_data_dir(cardio_dir)) if has_data(p)]
     if found:
         return found, False
     from common.synthetic import ensure_default

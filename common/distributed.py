@@ -98,15 +98,6 @@ def all_gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(info: DistInfo, obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_reduce_sum(info: DistInfo, values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum of a list of floats across ranks (float64, so counts stay exact)."""
     if not info.enabled:

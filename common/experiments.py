@@ -241,12 +241,6 @@ def knobs_to_kwargs(knobs: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
 
 # -------------------------------------------------------------------------------------- data
-def _has_data(folder: Path) -> bool:
-    """A folder with something in it besides its README."""
-    return folder.is_dir() and any(not p.name.startswith(".") and not p.name.lower().startswith("readme")
-                                   for p in folder.iterdir())
-
-
 def find_default_dir(name: str) -> Path:
     """`name` (e.g. dataset_full) in the working directory or the nearest parent that has it.
 
@@ -378,11 +372,13 @@ def resolve_data(data_full: str | Path | None = None, data_cardiomegaly: str | P
             else:
                 full = d
         return DataSpec(full, cardio, bool(synthetic))
+    from common.data import has_data
+
     full = Path(data_full).expanduser().resolve() if data_full is not None else None
     cardio = Path(data_cardiomegaly).expanduser().resolve() if data_cardiomegaly is not None else None
-    if full is None and _has_data(find_default_dir("dataset_full")):
+    if full is None and has_data(find_default_dir("dataset_full")):
         full = find_default_dir("dataset_full").resolve()
-    if cardio is None and _has_data(find_default_dir("dataset_cardiomegaly")):
+    if cardio is None and has_data(find_default_dir("dataset_cardiomegaly")):
         cardio = find_default_dir("dataset_cardiomegaly").resolve()
     specs = [load_data(p) for p in (full, cardio) if p is not None]  # a clear error for a bad folder
     return DataSpec(full, cardio, any(bool(getattr(s, "is_synthetic", False)) for s in specs))

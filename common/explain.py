@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,6 @@ class Explanation:
     model_name: str = "?"
     synthetic: bool = False
     image_name: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def peak(self) -> tuple[int, int]:
@@ -338,38 +337,6 @@ def bbox_file(folder: str | os.PathLike | None) -> Path | None:
     return found[0] if found else None
 
 
-def find_bbox_data(data_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """(BBox_List_2017.csv, image folder) in data_dir; None: dataset_full/ if it has the box file,
-    else the NIH sample ($MEDIMAGING_SAMPLE_DATA/nih-sample, or ../shared/data/nih-sample beside
-    the checkout)."""
-    repo = Path(__file__).resolve().parents[1]
-    if data_dir is not None:
-        candidates = [Path(data_dir)]
-    else:
-        sample = os.environ.get("MEDIMAGING_SAMPLE_DATA")
-        candidates = [repo / "dataset_full", *([Path(sample) / "nih-sample"] if sample else []),
-                      repo.parent / "shared" / "data" / "nih-sample"]
-    for folder in candidates:
-        found = bbox_file(folder)
-        if found is not None:
-            return found, folder
-    where = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"no BBox_List_2017.csv in {where}: download NIH's box file (ChestX-ray14, "
-                            "BBox_List_2017.csv) next to the images of an NIH-layout folder and pass that folder")
-
-
-def newest_run(runs_dir: str | os.PathLike | None = None) -> Path:
-    """The newest run directory under runs_dir (None: $MEDIMAGING_RUNS, else runs/ in the checkout)."""
-    from common.runs import find_runs
-
-    root = Path(runs_dir or os.environ.get("MEDIMAGING_RUNS") or Path(__file__).resolve().parents[1] / "runs")
-    found = find_runs(root)
-    if not found:
-        raise FileNotFoundError(f"no run under {root}; make one with `medimaging train --out {root}/NAME` "
-                                "or pass the run directory")
-    return found[0]
-
-
 def held_out_images(run: str | os.PathLike) -> set[str]:
     """Names of the images in a trained run's test split (patients it never trained on), the split
     recomputed as `fit` made it; an image that is also in its train or dev rows is left out."""
@@ -435,13 +402,6 @@ def pointing_game_display(summary) -> Any:
     return pd.DataFrame({"Finding": summary["finding"], "Images": summary["images"], "Boxes": summary["boxes"],
                          "Hits": summary["hits"], "Hit rate": [f"{100 * r:.0f}%" for r in summary["hit_rate"]],
                          "Chance": [f"{100 * c:.1f}%" for c in summary["chance"]], "Empty maps": summary["empty"]})
-
-
-def pointing_game_markdown(summary, title: str = "") -> str:
-    """The summary table as markdown (hit rate and chance as percentages)."""
-    from common.experiments import Table
-
-    return ((f"### {title}\n\n" if title else "") + Table(title, pointing_game_display(summary)).markdown() + "\n")
 
 
 def plot_pointing_game(df, model: str | os.PathLike | Predictor, image_dir: str | os.PathLike,

@@ -166,9 +166,4 @@ def read_resized(path: str, size: int) -> tuple[bytes | None, str | None]:
         return None, f"unexpected error while decoding: {type(err).__name__}: {err}"
 
 
-def is_image_file(name: str | Path) -> bool:
-    """True for file names with an image extension the readers look for."""
-    return os.path.splitext(str(name))[1].lower() in IMAGE_EXTENSIONS
-
-
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})

@@ -29,7 +29,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-HEADS = ("mlp", "linear")
+from common.train_config import HEADS
+
 MIN_HIDDEN = 16
 
 RANDOM_INIT_WARNING = (

@@ -99,16 +99,6 @@ def prune_model(
     return masks
 
 
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Multiply each masked parameter by its mask in place (zeros where the mask is False)."""
-    params = dict(model.named_parameters())
-    missing = [name for name in masks if name not in params]
-    if missing:
-        raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].mul_(mask.to(device=params[name].device, dtype=params[name].dtype))
-
 
 def keep_masks_fixed(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list:
     """Register gradient hooks that zero the gradient of pruned weights; returns the hook handles.

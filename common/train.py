@@ -52,6 +52,7 @@ import common
 from common import distributed, runs
 from common.distributed import DistInfo
 from common.labels import LABELS, TASKS
+from common.predict import sigmoid
 from common.train_config import TrainConfig
 
 __all__ = [
@@ -396,15 +397,11 @@ def _predict(model: torch.nn.Module, split: _Split, transform: BatchTransform, a
     return allv[first]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-
-
 def _dev_scores(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
     from common.metrics import per_label_accuracy, per_label_auroc
 
     loss = float(masked_bce(torch.from_numpy(logits), torch.from_numpy(y))) if len(y) else None
-    prob = _sigmoid(logits)
+    prob = sigmoid(logits)
     auroc = per_label_auroc(y, prob, labels)
     acc = per_label_accuracy(y, prob, labels)
     defined = [v for v in auroc.values() if v is not None]
@@ -736,8 +733,8 @@ def _finish(cfg: TrainConfig, out: Path, log: RunLog, info: DistInfo, data: Prep
     labels = data.labels
     raw_model.load_state_dict(runs.load_weights(out / runs.BEST))
     log(f"best epoch {state['best_epoch']} by {state['best_metric']}; predicting dev and test with its weights")
-    dev_prob = _sigmoid(_predict(raw_model, dev, transform, amp, info, show)) if len(dev.rows) else None
-    test_prob = _sigmoid(_predict(raw_model, test, transform, amp, info, show)) if len(test.rows) else None
+    dev_prob = sigmoid(_predict(raw_model, dev, transform, amp, info, show)) if len(dev.rows) else None
+    test_prob = sigmoid(_predict(raw_model, test, transform, amp, info, show)) if len(test.rows) else None
     if not info.is_main:
         distributed.barrier(info)
         return out
