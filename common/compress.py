@@ -71,7 +71,7 @@ def source_train_config(run_dir: str | os.PathLike, out: str | os.PathLike, data
     (e.g. `common.predict.create_untrained_run`) gets its model and input from config.json and
     the default data (or `data`).
     """
-    from common.train import TrainConfig
+    from common.train_config import TrainConfig
 
     cfg = runs.read_config(run_dir)
     base = dict(cfg.get("train") or {})
@@ -383,10 +383,9 @@ def split_images(run_dir: str | os.PathLike, split: str = "test", data: Sequence
     """The images of a run's `split` ("train" / "dev" / "test"), as `fit` split them.
 
     The run's data folders, task, seed and fractions (config.json) go through the same functions
-    `fit` uses (`load_dataset`, `combine`, `select_task`, `patient_split`).
+    `fit` uses (`load_dataset`, `combine`, `task_split`).
     """
-    from common.data import combine, default_data_dirs, load_dataset, patient_split
-    from common.train import select_task
+    from common.data import combine, default_data_dirs, load_dataset, task_split
 
     cfg = runs.read_config(run_dir)
     train = cfg.get("train") or {}
@@ -401,12 +400,11 @@ def split_images(run_dir: str | os.PathLike, split: str = "test", data: Sequence
                                 "(CLI --data) with the folders it was trained on")
     sets = [load_dataset(r, quiet=True) for r in roots]
     task = train.get("task") or next((t for t, names in TASKS.items() if list(names) == list(cfg["labels"])), "all14")
-    frame, labels = select_task(combine(sets).frame, task)
+    fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
+    frame, labels = task_split(combine(sets).frame, task, seed=int(train.get("seed", 49)), fractions=fractions)
     if list(labels) != list(cfg["labels"]):
         raise ValueError(f"{run_dir}: task {task!r} gives outputs {labels}, the run has {cfg['labels']}")
-    fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
-    which = patient_split(frame, seed=int(train.get("seed", 49)), fractions=fractions).to_numpy() == split
-    chosen = frame.loc[which]
+    chosen = frame.loc[frame["split"] == split]
     synthetic = bool(cfg.get("synthetic")) or any(bool(getattr(s, "is_synthetic", False)) for s in sets)
     return SplitImages(chosen["path"].astype(str).tolist(), chosen[list(labels)].to_numpy(np.float32), list(labels),
                        synthetic)

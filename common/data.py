@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from common.images import IMAGE_EXTENSIONS
-from common.labels import LABELS, NO_FINDING, parse_findings
+from common.labels import LABELS, NO_FINDING, TASKS, parse_findings
 
 NIH_CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 FULL_CSV = "14_train.csv"
@@ -380,6 +380,42 @@ def combine(datasets: Sequence[XrayData]) -> XrayData:
         is_synthetic=any(d.is_synthetic for d in datasets),
         missing_ids=[m for d in datasets for m in d.missing_ids],
     )
+
+
+def select_task(frame: pd.DataFrame, task: str) -> tuple[pd.DataFrame, list[str]]:
+    """The rows and output labels of a task.
+
+    'cardiomegaly': rows whose Cardiomegaly label is known; rows that also carry other labels
+    (multi-label sources such as NIH) only when they are Cardiomegaly or No Finding, as in the
+    study's binary set. 'all14': every row with at least one known label (NaN-masked in the loss).
+    An image found in several datasets (same `image_id`) is kept once: the row with most known
+    labels, so no image is trained on twice or predicted twice.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {sorted(TASKS)}")
+    labels = list(TASKS[task])
+    y = frame[list(LABELS)]
+    if task == "cardiomegaly":
+        cardio = y["Cardiomegaly"]
+        multi_label = y.drop(columns="Cardiomegaly").notna().any(axis=1)
+        no_finding = (y == 0).all(axis=1)
+        keep = cardio.notna() & (~multi_label | (cardio == 1) | no_finding)
+    else:
+        keep = y[labels].notna().any(axis=1)
+    frame = frame.loc[keep]
+    most_known_first = frame[list(LABELS)].notna().sum(axis=1).sort_values(ascending=False, kind="stable")
+    unique = frame.loc[most_known_first.index].drop_duplicates("image_id").index.sort_values()
+    return frame.loc[unique].reset_index(drop=True), labels
+
+
+def task_split(frame: pd.DataFrame, task: str, seed: int = 0,
+               fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> tuple[pd.DataFrame, list[str]]:
+    """A task's rows (`select_task`) with a 'split' column from `patient_split`: the split `fit`
+    makes, and what every later step (evaluation, calibration, compression) recomputes from a run's
+    config. Returns (rows, output labels); no rows gives an empty frame, not an error."""
+    rows, labels = select_task(frame, task)
+    rows["split"] = patient_split(rows, seed=seed, fractions=fractions).to_numpy() if len(rows) else []
+    return rows, labels
 
 
 def patient_split(

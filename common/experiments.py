@@ -510,7 +510,7 @@ def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *
                  freeze: int = 0, image_size: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, head: str = "mlp", seed: int = 49):
     """The TrainConfig of one training of the suite (everything but `out`)."""
-    from common.train import TrainConfig
+    from common.train_config import TrainConfig
 
     return TrainConfig(
         data=data.dirs(), task=task, model_name=profile.model_for(model_name), head=head,
@@ -558,13 +558,9 @@ def cached_fit(config, role: str, requested_model: str, runs: str | Path | None 
 # ------------------------------------------------------------------------------- test splits
 @functools.lru_cache(maxsize=16)
 def _task_frame(data: tuple[str, ...], task: str, seed: int, fractions: tuple[float, ...]) -> pd.DataFrame:
-    from common.data import combine, patient_split
-    from common.train import select_task
+    from common.data import combine, task_split
 
-    frame, _ = select_task(combine([load_data(d) for d in data]).frame, task)
-    frame = frame.copy()
-    frame["split"] = patient_split(frame, seed=seed, fractions=fractions).to_numpy()
-    return frame
+    return task_split(combine([load_data(d) for d in data]).frame, task, seed=seed, fractions=fractions)[0]
 
 
 def split_frame(run_dir: str | Path) -> pd.DataFrame:

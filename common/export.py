@@ -482,8 +482,7 @@ def calibration_paths(run_dir: str | os.PathLike, n: int | None = None, seed: in
     """Up to n image paths (default: the int8 recipe's calibration_images) from the dev split of the
     run's data (the split `fit` used), shuffled.
 
-    Uses common.data (load_dataset, combine, patient_split) and common.train.select_task with the
-    run's task, seed and fractions. Raises ExportError when the run's data folders are gone.
+    Uses common.data (load_dataset, combine, task_split) with the run's task, seed and fractions. Raises ExportError when the run's data folders are gone.
     """
     cfg = runs.read_config(run_dir)
     train = cfg.get("train") or {}
@@ -493,14 +492,12 @@ def calibration_paths(run_dir: str | os.PathLike, n: int | None = None, seed: in
         raise ExportError(f"{run_dir}: cannot find the run's data for int8 calibration "
                           f"({'missing: ' + ', '.join(missing) if missing else 'no data folders recorded'}); "
                           "pass images with --calibration DIR")
-    from common.data import combine, load_dataset, patient_split
-    from common.train import select_task
+    from common.data import combine, load_dataset, task_split
 
-    frame = combine([load_dataset(r, quiet=True) for r in roots]).frame
-    frame, _ = select_task(frame, train.get("task", "all14"))
     fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
-    split = patient_split(frame, seed=int(train.get("seed", 49)), fractions=fractions).to_numpy()
-    dev = frame.loc[split == "dev", "path"].astype(str).tolist()
+    frame, _ = task_split(combine([load_dataset(r, quiet=True) for r in roots]).frame, train.get("task", "all14"),
+                          seed=int(train.get("seed", 49)), fractions=fractions)
+    dev = frame.loc[frame["split"] == "dev", "path"].astype(str).tolist()
     if not dev:
         raise ExportError(f"{run_dir}: the run's dev split is empty; pass images with --calibration DIR")
     rng = np.random.default_rng(seed)

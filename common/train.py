@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 import common
 from common import distributed, runs
 from common.distributed import DistInfo
+from common.data import select_task
 from common.labels import LABELS, TASKS
 from common.predict import sigmoid
 from common.train_config import TrainConfig
@@ -74,32 +75,6 @@ _RESUMABLE_CHANGES = {"device", "num_workers", "progress", "eval_batch_size", "c
 # data
 
 
-def select_task(frame: pd.DataFrame, task: str) -> tuple[pd.DataFrame, list[str]]:
-    """The rows and output labels of a task.
-
-    'cardiomegaly': rows whose Cardiomegaly label is known; rows that also carry other labels
-    (multi-label sources such as NIH) only when they are Cardiomegaly or No Finding, as in the
-    study's binary set. 'all14': every row with at least one known label (NaN-masked in the loss).
-    An image found in several datasets (same `image_id`) is kept once: the row with most known
-    labels, so no image is trained on twice or predicted twice.
-    """
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: expected one of {sorted(TASKS)}")
-    labels = list(TASKS[task])
-    y = frame[list(LABELS)]
-    if task == "cardiomegaly":
-        cardio = y["Cardiomegaly"]
-        multi_label = y.drop(columns="Cardiomegaly").notna().any(axis=1)
-        no_finding = (y == 0).all(axis=1)
-        keep = cardio.notna() & (~multi_label | (cardio == 1) | no_finding)
-    else:
-        keep = y[labels].notna().any(axis=1)
-    frame = frame.loc[keep]
-    most_known_first = frame[list(LABELS)].notna().sum(axis=1).sort_values(ascending=False, kind="stable")
-    unique = frame.loc[most_known_first.index].drop_duplicates("image_id").index.sort_values()
-    return frame.loc[unique].reset_index(drop=True), labels
-
-
 @dataclass
 class PreparedData:
     """The task's images and labels, split by patient, decoded into the cache."""
@@ -117,7 +92,7 @@ class PreparedData:
 def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> PreparedData:
     """Steps 1 of `fit`: datasets -> task rows -> patient split -> decoded cache."""
     from common.cache import ImageCache
-    from common.data import combine, load_dataset, patient_split
+    from common.data import combine, load_dataset, task_split
 
     if cfg.data:
         roots = [Path(p) for p in cfg.data]
@@ -137,12 +112,11 @@ def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
         log(f"data: {ds.root} ({ds.layout} layout{', SYNTHETIC' if infos[-1]['synthetic'] else ''}): "
             f"{len(f)} images, {infos[-1]['patients']} patients, {ds.rows_without_image} rows without an image")
     data = combine(sets)
-    frame, labels = select_task(data.frame, cfg.task)
+    frame, labels = task_split(data.frame, cfg.task, seed=cfg.seed, fractions=cfg.split_fractions)
     log(f"task {cfg.task}: {len(frame)} of {len(data.frame)} images kept, outputs {labels}")
     if not len(frame):
         raise ValueError(f"task {cfg.task!r}: no image in {[str(r) for r in roots]} has a known label for "
                          f"{labels}; check the dataset folders or choose another --task")
-    frame["split"] = patient_split(frame, seed=cfg.seed, fractions=cfg.split_fractions).to_numpy()
     cached = ImageCache(cfg.image_size).load(frame["path"].tolist(), progress=progress)
     ok = np.asarray(cached.ok, dtype=bool)
     frame["ok"] = ok
