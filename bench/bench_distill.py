@@ -131,14 +131,10 @@ def main() -> None:
     student_s = {}
     for r in recipes:
         student = prof.model_for(r["student"])
-        # the same parameters (so the same cache key) as common.compress.compression_experiment
-        params = {"student": student, "image_size": r["px"], "temperature": r["T"], "alpha": r["alpha"],
-                  "epochs": r["epochs"], "max_steps": prof.max_steps, "lr": r["lr"], "pretrained": prof.pretrained}
         t0 = time.perf_counter()
-        run_dir, _ = compress.cached_compress("distill", teacher_run, params, root, lambda out, r=r, s=student: (
-            compress.distill_run(teacher_run, out, student=s, student_image_size=r["px"], temperature=r["T"],
-                                 alpha=r["alpha"], epochs=r["epochs"], max_steps=prof.max_steps, lr=r["lr"],
-                                 pretrained=prof.pretrained, **fit_common)))
+        # the cache key of common.compress.compression_experiment's student (weights as the profile says)
+        run_dir, _ = compress.cached_distill(teacher_run, root, student, r["px"], r["T"], r["alpha"], r["epochs"],
+                                             prof.max_steps, r["lr"], prof.pretrained_for(student), **fit_common)
         label = f"{student} ({recipe_label(r)})"
         student_s[label] = time.perf_counter() - t0
         variants.append(compress.Variant(f"{label} fp32", run_dir, False, "distill", student, recipe_label(r),

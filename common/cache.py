@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch is imported lazily (see below)
     import torch
 
 STORE_VERSION = "images-v1"
+STORE_LOCK = "lock"  # in each <size>px store: held while decoding into it
 _MAX_VIEWS = 8  # aligned view files kept per size; older ones are deleted
 _COMMIT_EVERY_S = 5.0  # commit finished entries at least this often during a long build
 _IN_PROCESS_BELOW = 16  # fewer files than this are decoded without starting a process pool
@@ -73,7 +74,8 @@ class CachedImages:
 
 
 @contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
+    """An exclusive flock on `path` (created with its folder) for the duration of the block."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ class ImageCache:
         self.dir = Path(root) if root is not None else cache_root() / STORE_VERSION / f"{self.size}px"
         self.pixels_path = self.dir / "pixels.u8"
         self.index_path = self.dir / "index.sqlite"
-        self.lock_path = self.dir / "lock"
+        self.lock_path = self.dir / STORE_LOCK
         self.views_dir = self.dir / "views"
         self._item = self.size * self.size
 
@@ -147,7 +149,7 @@ class ImageCache:
             todo = [p for p, st in stats.items() if st is not None and not _valid(entries.get(p), st)]
             decoded = 0
             if todo:
-                with _file_lock(self.lock_path):
+                with file_lock(self.lock_path):
                     # another process may have decoded them while we waited for the lock
                     entries.update(self._entries(con, todo))
                     todo = [p for p in todo if not _valid(entries.get(p), stats[p])]

@@ -47,10 +47,11 @@ import numpy as np
 
 from common import runs
 from common.labels import TASKS
+from common.onnx_predict import EXPORT_DIR, FP32, INT8
+from common.predict import ONNX_META
 
 COMPRESSION_JSON = "compression.json"
 DISTILL_LOSS_CSV = "distill_loss.csv"
-EXPORT_DIR = "export"  # the same name common.onnx_predict uses for a run's export folder
 DEFAULT_STUDENT = "mobilenetv3_small_100"
 PRUNE_LR_FACTOR = 0.1  # fine-tuning a pruned model: a tenth of the source run's learning rate
 
@@ -115,13 +116,11 @@ def quantize_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     dynamic quantisation when static fails (all in `common.export`). Default out: RUN/export.
     """
     from common.export import export_onnx
-    from common.onnx_predict import FP32, INT8
-
     log = log or _stderr
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
     export_onnx(run_dir, out, int8=True, calibration_images=calibration_images, n_calibration=n_calibration, log=log)
-    meta = runs.load_json(out / "model.json")
+    meta = runs.load_json(out / ONNX_META)
     fp32_mb, int8_mb = (out / FP32).stat().st_size / 1e6, (out / INT8).stat().st_size / 1e6
     report = {"method": "int8", "source": str(run_dir.resolve()), "quantization": meta.get("int8"),
               "fp32_mb": round(fp32_mb, 3), "int8_mb": round(int8_mb, 3), "size_ratio": round(fp32_mb / int8_mb, 2),
@@ -200,8 +199,6 @@ def prune_run(
         f"({achieved['overall_sparsity']:.2%} of all parameters)")
     if export:
         from common.export import export_onnx
-        from common.onnx_predict import FP32
-
         exp = export_onnx(out, out / EXPORT_DIR, log=log)
         report["onnx"] = onnx_weight_sparsity(exp / FP32)
         log(f"prune: {exp / FP32}: {report['onnx']['weight_sparsity']:.2%} of the weight tensors' values are zero")
@@ -257,19 +254,30 @@ class TeacherOnBatch:
 
 @dataclass
 class DistillLoss:
-    """`FitHooks.loss` for distillation; keeps each micro-batch's loss parts in `history`."""
+    """`FitHooks.loss` for distillation (`common.distill.distillation_terms`); keeps each micro-batch's
+    (hard, soft, total) in `history` as a tensor on the training device, so no micro-batch waits for
+    the GPU to read them (`fit` syncs its own loss only every few steps); `parts()` reads them once."""
 
     teacher: TeacherOnBatch
     temperature: float = 2.0
     alpha: float = 0.5
-    history: list[dict] = field(default_factory=list)
+    history: list = field(default_factory=list)
 
     def __call__(self, hard, logits, targets, inputs):
-        from common.distill import distillation_loss
+        import torch
 
-        total, parts = distillation_loss(hard, logits, self.teacher(inputs), self.temperature, self.alpha)
-        self.history.append({"micro_batch": len(self.history), **parts})
+        from common.distill import distillation_terms
+
+        total, soft = distillation_terms(hard, logits, self.teacher(inputs), self.temperature, self.alpha)
+        self.history.append(torch.stack([hard.detach().float(), soft.detach(), total.detach().float()]))
         return total
+
+    def parts(self) -> list[dict]:
+        """[{"micro_batch", "hard", "soft", "total"}] as floats, one per micro-batch so far."""
+        import torch
+
+        rows = torch.stack(self.history).cpu().tolist() if self.history else []
+        return [{"micro_batch": i, "hard": h, "soft": s, "total": t} for i, (h, s, t) in enumerate(rows)]
 
 
 def distill_run(
@@ -327,7 +335,7 @@ def distill_run(
     fit(cfg, hooks=FitHooks(on_model=on_model, loss=loss))
     if loss.history:  # empty when the run had already finished
         lines = ["micro_batch,hard,soft,total"] + [
-            f"{h['micro_batch']},{h['hard']:.6g},{h['soft']:.6g},{h['total']:.6g}" for h in loss.history]
+            f"{h['micro_batch']},{h['hard']:.6g},{h['soft']:.6g},{h['total']:.6g}" for h in loss.parts()]
         runs.atomic_write_text(out / DISTILL_LOSS_CSV, "\n".join(lines) + "\n")
     report = {"method": "distill", **init, "student": student, "student_image_size": size,
               "train": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr}}
@@ -472,16 +480,14 @@ def ensure_export(run_dir: str | os.PathLike, int8: bool = True, log: Callable[[
     """RUN/export with model.onnx (and model.int8.onnx); exported only when missing, older than the
     weights, or (int8) quantised with another recipe than common.export.INT8_RECIPE."""
     from common.export import INT8_RECIPE, export_onnx
-    from common.onnx_predict import FP32, INT8
-
     run_dir = Path(run_dir)
     out = run_dir / EXPORT_DIR
     weights = run_dir / runs.BEST
-    needed = [out / FP32, out / "model.json"] + ([out / INT8] if int8 else [])
+    needed = [out / FP32, out / ONNX_META] + ([out / INT8] if int8 else [])
     fresh = all(p.is_file() for p in needed) and (
         not weights.is_file() or min(p.stat().st_mtime for p in needed) >= weights.stat().st_mtime)
     if fresh and int8:
-        report = runs.load_json(out / "model.json").get("int8") or {}
+        report = runs.load_json(out / ONNX_META).get("int8") or {}
         fresh = report.get("recipe") == INT8_RECIPE
     if not fresh:
         export_onnx(run_dir, out, int8=int8, log=log or _stderr)
@@ -717,8 +723,6 @@ def measure_table(
         stats = stats_cache[run_key]
         # one export per run, with int8 when any row of that run needs it
         ensure_export(v.run_dir, int8=any(w.int8 for w in variants if Path(w.run_dir) == Path(v.run_dir)), log=log)
-        from common.onnx_predict import FP32, INT8
-
         report = read_report(v.run_dir) or {}
         row = {"name": v.name, "backbone": v.backbone or stats["model_name"], "method": v.method, "detail": v.detail,
                "int8": v.int8, "baseline": v.baseline, "structured": bool(report.get("structured", False)),
@@ -1026,13 +1030,25 @@ def cached_compress(method: str, source: Path, params: dict, runs_root: Path,
     Returns (run dir, reused). An interrupted one is made again (its fine-tune resumes).
     """
     out = runs_root / f"{source.name}--{method}-{_key({'source': str(source), **params})}"
-    if (out / COMPRESSION_JSON).is_file() and (out / EXPORT_DIR / "model.json").is_file():
+    if (out / COMPRESSION_JSON).is_file() and (out / EXPORT_DIR / ONNX_META).is_file():
         print(f"{method}: reusing the finished {out}", file=sys.stderr)
         from common.experiments import touch_used
 
         touch_used(out)
         return out, True
     return make(out), False
+
+
+def cached_distill(teacher_run: Path, runs_root: Path, student: str, image_size: int, temperature: float,
+                   alpha: float, epochs: int, max_steps: int | None, lr: float, pretrained,
+                   **fit_common) -> tuple[Path, bool]:
+    """`distill_run` through the run cache, keyed by the student recipe (the compression notebook's
+    student and bench/bench_distill.py's students share one key, so each reuses the other's)."""
+    params = {"student": student, "image_size": image_size, "temperature": float(temperature), "alpha": float(alpha),
+              "epochs": epochs, "max_steps": max_steps, "lr": lr, "pretrained": pretrained}
+    return cached_compress("distill", teacher_run, params, runs_root, lambda out: distill_run(
+        teacher_run, out, student=student, student_image_size=image_size, temperature=temperature, alpha=alpha,
+        epochs=epochs, max_steps=max_steps, lr=lr, pretrained=pretrained, **fit_common))
 
 
 def compression_experiment(profile: str = "quick", smoke: bool = False, data_full=None, data_cardiomegaly=None,
@@ -1061,9 +1077,7 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
     root = ex.runs_dir(runs_dir)
     exp = ex.Experiment("compression", "Compression: int8, pruning and distillation", prof.label,
                         data)
-    named = dict(ex.BACKBONES)
-    by_timm = {t: r for r, t in ex.BACKBONES}
-    chosen = [(n, named[n]) if n in named else (by_timm.get(n, n), n) for n in (backbones or plan["backbones"])]
+    chosen = ex._choose_backbones(backbones or plan["backbones"])
     seen: dict[str, str] = {}
     backbone_runs: dict[str, Path] = {}
     for row_name, timm_name in chosen:
@@ -1102,12 +1116,8 @@ def compression_experiment(profile: str = "quick", smoke: bool = False, data_ful
         pruned.append(run_dir)
         role = f"{teacher_name} pruned {s_:.0%}" + (" channels" if structured else "")
         exp.runs[role] = ex.RunRef(role, run_dir, teacher_name, runs.read_config(run_dir)["model"]["model_name"], reused)
-    student_weights = prof.pretrained_for(student_model)
-    params = {"student": student_model, "image_size": size, "temperature": float(temperature), "alpha": float(alpha),
-              "epochs": prof.epochs, "max_steps": prof.max_steps, "lr": prof.lr, "pretrained": student_weights}
-    student_run, reused = cached_compress("distill", teacher_run, params, root, lambda out: distill_run(
-        teacher_run, out, student=student_model, student_image_size=size, temperature=temperature, alpha=alpha,
-        epochs=prof.epochs, max_steps=prof.max_steps, lr=prof.lr, pretrained=student_weights, **fit_common))
+    student_run, reused = cached_distill(teacher_run, root, student_model, size, temperature, alpha, prof.epochs,
+                                         prof.max_steps, prof.lr, prof.pretrained_for(student_model), **fit_common)
     exp.runs[f"student ({student_model})"] = ex.RunRef(f"student ({student_model})", student_run, student,
                                                        student_model, reused)
     variants = variants_for(backbone_runs, pruned, [student_run])

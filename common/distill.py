@@ -32,14 +32,14 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (cross - entropy).mean() * (t * t)
 
 
-def distillation_loss(
+def distillation_terms(
     hard_loss: torch.Tensor,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 2.0,
     alpha: float = 0.5,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """hard_loss + alpha * soft_target_loss; returns (loss, {"hard", "soft", "total"} as floats).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hard_loss + alpha * soft, soft) as tensors: nothing is read back from the device.
 
     `hard_loss` is the training engine's own masked BCE on the labels (the loss every run uses),
     so a distilled run differs from a normal one only by the soft term.
@@ -47,5 +47,16 @@ def distillation_loss(
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     soft = soft_target_loss(student_logits, teacher_logits, temperature)
-    total = hard_loss + float(alpha) * soft
+    return hard_loss + float(alpha) * soft, soft
+
+
+def distillation_loss(
+    hard_loss: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`distillation_terms`, with the parts read back: (loss, {"hard", "soft", "total"} as floats)."""
+    total, soft = distillation_terms(hard_loss, student_logits, teacher_logits, temperature, alpha)
     return total, {"hard": float(hard_loss.detach()), "soft": float(soft.detach()), "total": float(total.detach())}

@@ -450,18 +450,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
-@contextlib.contextmanager
+RUN_LOCK = ".lock"  # in each cached run folder: held while the run trains
+
+
 def _run_lock(run_dir: Path):
     """One process trains a given run at a time; a second one waits, then finds it finished."""
-    import fcntl
+    from common.cache import file_lock
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(run_dir / RUN_LOCK)
 
 
 @dataclass

@@ -261,7 +261,8 @@ def export_model(
         runs.atomic_write_bytes(out / HEAD_NPZ, buf.getvalue())
     else:
         (out / HEAD_NPZ).unlink(missing_ok=True)
-    log(f"export: {out / FP32} ({exporter} exporter, opset {_onnx_opset(out / FP32)}); "
+    opset = _onnx_opset(out / FP32)
+    log(f"export: {out / FP32} ({exporter} exporter, opset {opset}); "
         f"max |logit difference| vs torch {diff:.2g} (bound {PARITY_ATOL})")
 
     info = {
@@ -272,7 +273,7 @@ def export_model(
         "input_name": "image",
         "outputs": {"logits": "logits", **({"features": "features"} if with_features else {})},
         "cam": cam,
-        "exporter": exporter, "opset": _onnx_opset(out / FP32),
+        "exporter": exporter, "opset": opset,
         "parity": {"max_abs_logit_diff": diff, "atol": PARITY_ATOL, "n_images": int(len(x))},
         "int8": None,
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},

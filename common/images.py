@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np

@@ -52,7 +52,6 @@ import common
 from common import distributed, runs
 from common.distributed import DistInfo
 from common.data import select_task
-from common.labels import LABELS, TASKS
 from common.predict import sigmoid
 from common.train_config import TrainConfig
 

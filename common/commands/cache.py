@@ -162,10 +162,13 @@ def format_inventory(entries: list[Entry], cache: Path, runs: Path, now: float |
 
 def _lock_file(entry: Entry) -> Path | None:
     """The file a writer of this entry holds an flock on (see common.experiments / common.cache)."""
+    from common.cache import STORE_LOCK
+    from common.experiments import RUN_LOCK
+
     if entry.kind == "runs":
-        return Path(entry.path) / ".lock"
+        return Path(entry.path) / RUN_LOCK
     if entry.kind == "images":
-        return Path(entry.path) / "lock"
+        return Path(entry.path) / STORE_LOCK
     return None
 
 
