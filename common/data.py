@@ -79,6 +79,13 @@ class XrayData:
 
 
 # --------------------------------------------------------------------------------------- helpers
+def _patient_ids(column: pd.Series) -> np.ndarray:
+    """A Patient ID column as NIH writes it in image names: numbers zero-padded to 8 digits, other
+    values as given."""
+    pid = pd.to_numeric(column, errors="coerce")
+    return np.where(pid.notna(), pid.fillna(0).astype(np.int64).map("{:08d}".format), column.astype(str))
+
+
 def _patients_from_ids(ids: pd.Series) -> pd.Series:
     stems = ids.str.replace(r"\.[^.]*$", "", regex=True)
     nih = stems.str.extract(r"^(\d{8})_\d+$", expand=False)
@@ -180,10 +187,7 @@ def _nih_table(csv_path: Path) -> pd.DataFrame:
     raw = _read_csv(csv_path, usecols=list(_NIH_REQUIRED) + optional,
                     dtype={"Image Index": str, "Finding Labels": str})
     frame = _label_frame(raw["Image Index"], _findings_matrix(raw["Finding Labels"], csv_path))
-    pid = pd.to_numeric(raw["Patient ID"], errors="coerce")
-    frame["patient_id"] = np.where(
-        pid.notna(), pid.fillna(0).astype(np.int64).map("{:08d}".format), raw["Patient ID"].astype(str)
-    )
+    frame["patient_id"] = _patient_ids(raw["Patient ID"])
     if "Patient Age" in raw:
         # the 2017 file writes ages as "058Y"; the v2020 file as plain numbers
         age = raw["Patient Age"].astype(str).str.extract(r"(\d+)", expand=False)
@@ -218,9 +222,7 @@ def _full_table(csv_path: Path) -> pd.DataFrame:
     frame = _label_frame(raw[id_col], labels)
     pid_col = _pick(raw.columns, ("Patient ID", "patient_id", "PatientID"))
     if pid_col is not None:
-        pid = pd.to_numeric(raw[pid_col], errors="coerce")
-        frame["patient_id"] = np.where(pid.notna(), pid.fillna(0).astype(np.int64).map("{:08d}".format),
-                                       raw[pid_col].astype(str))
+        frame["patient_id"] = _patient_ids(raw[pid_col])
     else:
         frame["patient_id"] = _patients_from_ids(frame["image_id"])
     return frame

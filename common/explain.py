@@ -266,12 +266,13 @@ def read_bboxes(bbox_csv: str | os.PathLike) -> Any:
 
 
 def _index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
-    from common.images import IMAGE_EXTENSIONS
+    """File name → path below image_dir, as the dataset readers find them (common.data.index_images)."""
+    from common.data import index_images
 
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
-    return {p.name: p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return {name: Path(path) for name, path in index_images(root).items()}
 
 
 def box_frame(bbox_csv: str | os.PathLike) -> int | None:

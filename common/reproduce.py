@@ -112,23 +112,14 @@ def python_kernel() -> Iterator[str]:
             "metadata": {"debugger": True},
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
-        saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "PYDEVD_DISABLE_FILE_VALIDATION", "OMP_WAIT_POLICY")}
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (tmp, saved["JUPYTER_PATH"]) if p)
-        # the kernel's debugger otherwise prints a frozen-modules note into every notebook
-        os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+        # the kernel's debugger otherwise prints a frozen-modules note into every notebook;
         # OpenMP threads that spin while waiting make CPU training 10x slower as soon as anything
         # else wants the cores (measured: EfficientNet-B0 at 64 px, 2 threads, a busy 2-core
         # machine: 1.6 images/s spinning, 17-26 passive); sleeping threads cost little when idle
-        if saved["OMP_WAIT_POLICY"] is None:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        try:
+        with (_environ("JUPYTER_PATH", os.pathsep.join(p for p in (tmp, os.environ.get("JUPYTER_PATH")) if p)),
+              _environ("PYDEVD_DISABLE_FILE_VALIDATION", "1"),
+              _environ("OMP_WAIT_POLICY", None if "OMP_WAIT_POLICY" in os.environ else "PASSIVE")):
             yield KERNEL_NAME
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def _report_weights_folder(prof) -> None:
