@@ -3,8 +3,12 @@
     model = build_model("tf_efficientnet_b4", num_labels=14)          # random init (warns)
     model = build_model("resnet50", pretrained=True)                  # timm hub (online)
     model = build_model("resnet50", pretrained="weights.safetensors") # a local file or folder
-    init_from(model, "runs/stage1")      # stage 1 -> stage 2: backbone kept, head fresh
+    load_backbone_state(model, state)    # backbone weights kept by name and shape, head fresh
     freeze(model, 2)                     # freeze the stem and the first block group
+
+`pretrained` is anything `common.weights.Weights.parse` reads. Starting from an earlier run (stage
+1 -> stage 2) is `common.runs.init_from`: the run folder's layout is `common.runs`'s, and this
+module knows nothing of it (it reads weights files through `common.io`).
 
 The backbone is `timm.create_model(name, num_classes=0)`: its forward returns pooled features of
 width `model.num_features`; the head maps them to one logit per label. `model.build_kwargs` holds
@@ -29,7 +33,16 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from common.io import load_weights
 from common.train_config import HEADS
+from common.weights import HUB, LOCAL, RANDOM, URL, Weights, find_local_weights
+
+__all__ = [
+    "MIN_HIDDEN", "RANDOM_INIT_WARNING", "PretrainedWeightsUnavailable", "mlp_hidden_sizes", "make_head",
+    "MedImagingModel", "build_model", "model_input_config", "load_backbone_state", "backbone_groups", "freeze",
+    # re-exported from common.weights, where they live
+    "Weights", "find_local_weights",
+]
 
 MIN_HIDDEN = 16
 
@@ -214,7 +227,7 @@ def build_model(
     model_name: str,
     num_labels: int = 14,
     head: str = "mlp",
-    pretrained: bool | str | Path | None = False,
+    pretrained: Weights | bool | str | Path | None = False,
     in_chans: int = 3,
     image_size: int | None = None,
     head_dropout: float = 0.3,
@@ -222,10 +235,10 @@ def build_model(
 ) -> MedImagingModel:
     """Any `timm.list_models()` backbone with a `head` ("mlp" or "linear") of `num_labels` outputs.
 
-    pretrained: False (random init, warns); True (timm hub; offline -> the cached download if there
-    is one, else a clear error naming the local-file option); a local weights file or folder; an
-    http(s) URL; None = random init without the warning, for callers that load trained weights
-    right after (e.g. `common.runs.load_run`).
+    pretrained: a `Weights` or anything `Weights.parse` reads: False (random init, warns); True
+    (timm hub; offline -> the cached download if there is one, else a clear error naming the
+    local-file option); a local weights file or folder; an http(s) URL; None = random init without
+    the warning, for callers that load trained weights right after (e.g. `common.runs.load_run`).
     image_size is passed to timm for models that take `img_size` (ViTs) and ignored by the others.
     Extra keyword arguments go to `timm.create_model` (e.g. drop_rate, drop_path_rate).
     """
@@ -238,7 +251,8 @@ def build_model(
             raise ValueError(f"build_model: pass {use}=..., not {bad}=... (the head is MedImaging's own)")
     _check_model_name(model_name)
 
-    hub = pretrained is True
+    weights = Weights.parse(pretrained)
+    hub = weights.kind == HUB
     if hub:
         host = _hub_host(model_name)
         if host is None:
@@ -251,7 +265,7 @@ def build_model(
             if cached is None:
                 raise _offline_error(model_name, f"{host} cannot be reached and the weights are not in the local cache")
             # offline but downloaded before: load the cached file like any local weights file
-            hub, pretrained = False, cached
+            hub, weights = False, Weights(LOCAL, str(cached))
     try:
         backbone, used_img_size = _create_backbone(model_name, hub, int(in_chans), image_size, timm_kwargs)
     except OSError as err:  # requests / huggingface_hub / urllib download errors are all OSErrors
@@ -268,47 +282,12 @@ def build_model(
                             num_features, build_kwargs)
     model.image_size_applied = used_img_size
 
-    if pretrained is False:
+    if weights.kind == RANDOM and pretrained is not None:
         warnings.warn(RANDOM_INIT_WARNING, UserWarning, stacklevel=2)
-    elif isinstance(pretrained, (str, Path)):
-        source = str(pretrained)
-        path = _download_url(source) if source.startswith(("http://", "https://")) else Path(source)
+    elif weights.kind in (LOCAL, URL):
+        path = _download_url(weights.source) if weights.kind == URL else Path(weights.source)
         model.pretrained_report = _load_pretrained_file(model, path)
-    elif not (pretrained is None or pretrained is True):
-        raise TypeError(f"pretrained={pretrained!r}: expected False, True, None, a path or an http(s) URL")
     return model
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def find_local_weights(folder: str | Path, model_name: str) -> Path:
-    """The pretrained weights of `model_name` in a folder of downloaded weights (offline machines).
-
-    Looked for in this order, first with the full timm name (`tf_efficientnet_b4.ns_jft_in1k`),
-    then with the architecture alone (`tf_efficientnet_b4`): a file `NAME.safetensors` (or .pth,
-    .pt, .bin), then a folder `NAME/` holding one weights file, e.g. what
-    `hf download timm/NAME --local-dir FOLDER/NAME` writes.
-    """
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"weights folder {str(root)!r} does not exist (expected one file or folder per "
-                                f"model, e.g. {model_name}.safetensors)")
-    names = list(dict.fromkeys([model_name, model_name.split(".", 1)[0]]))
-    tried: list[str] = []
-    for name in names:
-        for suffix in WEIGHT_SUFFIXES:
-            tried.append(name + suffix)
-            if (root / (name + suffix)).is_file():
-                return root / (name + suffix)
-        tried.append(name + "/")
-        sub = root / name
-        if sub.is_dir() and any(f.suffix in WEIGHT_SUFFIXES and f.is_file() for f in sub.iterdir()):
-            return sub
-    raise FileNotFoundError(
-        f"weights folder {str(root)!r} has no weights for {model_name!r} (looked for {', '.join(tried)}). "
-        f"Download them where there is internet (e.g. `hf download timm/{model_name} --local-dir "
-        f"{root / model_name}`) or train from random initialisation.")
 
 
 def _download_url(url: str) -> Path:
@@ -454,8 +433,6 @@ def load_backbone_state(model: MedImagingModel, state: dict, source: str = "stat
 
 
 def _load_pretrained_file(model: MedImagingModel, path: Path) -> dict:
-    from common.runs import load_weights
-
     if not path.exists():
         raise FileNotFoundError(f"pretrained={str(path)!r}: no such weights file or folder")
     report = load_backbone_state(model, load_weights(path), source=str(path))
@@ -471,46 +448,6 @@ def _load_pretrained_file(model: MedImagingModel, path: Path) -> dict:
             f"dropped ({', '.join(surprising[:5])}) and {len(missing)} backbone weights left random "
             f"({', '.join(missing[:5])})", UserWarning, stacklevel=3)
     return {"source": str(path), **report}
-
-
-def _resolve_source(source: str | Path) -> Path:
-    """A run directory -> its best.safetensors (else checkpoints/last.pt); a file -> itself."""
-    from common import runs
-
-    path = Path(source)
-    if path.is_dir():
-        for name in (runs.BEST, runs.LAST):
-            if (path / name).is_file():
-                return path / name
-        if (path / runs.CONFIG).is_file():
-            raise FileNotFoundError(f"{path}: run directory without weights ({runs.BEST} or {runs.LAST}); "
-                                    "did its training finish an epoch?")
-        return path  # a plain folder of weights: load_weights picks the file
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such run directory or weights file")
-    return path
-
-
-def init_from(model: MedImagingModel, source: str | Path) -> dict:
-    """Initialise the backbone from a run directory or weights file; the head stays fresh.
-
-    The stage 1 -> stage 2 step and the study's "medical pretraining": weights whose names and
-    shapes match are loaded (a plain timm checkpoint of the same architecture works too), the head
-    is not. Returns {"kept", "dropped", "new"}: lists of weight names for the run log.
-    """
-    from common.runs import load_weights
-
-    path = _resolve_source(source)
-    try:
-        return load_backbone_state(model, load_weights(path), source=str(path))
-    except ValueError as err:
-        config = Path(source) / "config.json"
-        if Path(source).is_dir() and config.is_file() and "matches only" in str(err):
-            from common.runs import load_json
-
-            other = (load_json(config).get("model") or {}).get("model_name")
-            raise ValueError(f"{err} (that run used model_name={other!r})") from None
-        raise
 
 
 # ------------------------------------------------------------------------------------ freezing

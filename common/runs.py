@@ -1,4 +1,5 @@
-"""A run is a directory. This module owns its layout, atomic writes and safe loading.
+"""A run is a directory. This module owns its layout: the file names, reading a run back, and
+loading a run's weights into a model (`load_run`, `init_from`).
 
     RUN_DIR/
       config.json            everything needed to rebuild the model and repeat the run
@@ -9,6 +10,9 @@
       thresholds.json        per-label decision thresholds tuned on the dev split
       metrics.json           final test-split metrics (common.metrics)
       test_predictions.csv   `Image Index` + one probability column per label (what `evaluate` reads)
+      split.csv              image, patient, split: the run's train/dev/test split (common.splits reads it)
+      unreadable.csv         path, reason: images the run skipped because they could not be decoded
+      roc.png                the test split's ROC curves
 
 config.json keys:
   "model":  kwargs of `common.models.build_model` except `pretrained`
@@ -17,18 +21,36 @@ config.json keys:
   "input":  {"image_size": int, "mean": [..], "std": [..], "in_chans": int}
   "train":  the training configuration, "data": the datasets used, "created", "version"
 
-Checkpoints are written to a temporary file in the same folder and renamed, so a crash never
-leaves a half-written file; they are read with `weights_only=True` or from safetensors, so a
-checkpoint from elsewhere cannot run code.
+Every file is written through `common.io` (a temporary file in the same folder, then renamed, so a
+crash never leaves a half-written file); checkpoints are read with `weights_only=True` or from
+safetensors, so a checkpoint from elsewhere cannot run code. The io helpers are re-exported here.
+The model is imported inside `load_run` / `init_from` only: reading a run's files needs no torch.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.io import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_json,
+    load_weights,
+    save_json,
+    save_weights,
+    torch_load_safe,
+)
+
+__all__ = [
+    "CONFIG", "METRICS_CSV", "LOG", "LAST", "BEST", "THRESHOLDS", "METRICS_JSON", "TEST_PREDICTIONS", "SPLIT_CSV",
+    "UNREADABLE_CSV", "ROC_PNG", "Run", "read_config", "read_thresholds", "weights_file", "load_run", "init_from",
+    "find_runs",
+    # re-exported from common.io, where they live
+    "atomic_write_bytes", "atomic_write_text", "save_json", "load_json", "atomic_torch_save", "torch_load_safe",
+    "save_weights", "load_weights",
+]
 
 CONFIG = "config.json"
 METRICS_CSV = "metrics.csv"
@@ -38,122 +60,9 @@ BEST = "best.safetensors"
 THRESHOLDS = "thresholds.json"
 METRICS_JSON = "metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
-def load_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a temporary file + rename (the checkpoint is never half-written)."""
-    import torch
-
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
-
-
-def torch_load_safe(path: str | Path, map_location: str = "cpu") -> Any:
-    """Load a torch checkpoint with weights_only=True: tensors and plain containers only."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError with long texts
-        raise ValueError(
-            f"{path}: cannot be loaded safely (weights_only=True): {str(err).splitlines()[0]}. "
-            "Only checkpoints of tensors and plain Python containers are accepted."
-        ) from None
-
-
-def save_weights(state_dict: dict, path: str | Path) -> None:
-    """Model weights as safetensors, written atomically."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write_bytes(path, save(state))
-
-
-def load_weights(path: str | Path) -> dict:
-    """A state dict from .safetensors, or from a torch file (weights_only) holding one.
-
-    A torch file may be a bare state dict or a checkpoint with a "model" / "state_dict" entry.
-    """
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / BEST, *sorted(path.glob("*.safetensors")), *sorted(path.glob("*.pt")),
-                      *sorted(path.glob("*.pth")), *sorted(path.glob("*.bin"))]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path}: no .safetensors, .pt, .pth or .bin weights file in this folder")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch_load_safe(path)
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-        return obj
-    raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+SPLIT_CSV = "split.csv"
+UNREADABLE_CSV = "unreadable.csv"
+ROC_PNG = "roc.png"
 
 
 @dataclass
@@ -182,33 +91,85 @@ def read_config(run_dir: str | Path) -> dict:
     return cfg
 
 
-def read_thresholds(run_dir: str | Path, labels: list[str]) -> dict[str, float]:
-    path = Path(run_dir) / THRESHOLDS
-    if not path.is_file():
+def read_thresholds(path: str | Path, labels: list[str], strict: bool = False) -> dict[str, float]:
+    """The per-label decision thresholds in thresholds.json (`path`: the file or a run folder).
+
+    strict=False, a run loading its own: a missing file or label falls back to 0.5 (a run trained
+    before thresholds were tuned). strict=True, a file the user named: a missing file raises
+    FileNotFoundError, a missing label or a non-number ValueError, each naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / THRESHOLDS
+    if not path.is_file() and not strict:
         return {name: 0.5 for name in labels}
     stored = load_json(path)
-    return {name: float(stored.get(name, 0.5)) for name in labels}
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: expected a JSON object label -> threshold")
+    missing = [n for n in labels if n not in stored]
+    if missing and strict:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise ValueError(f"{path}: no threshold for {', '.join(missing[:4])}{more}")
+    try:
+        return {n: float(stored.get(n, 0.5)) for n in labels}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: thresholds must be numbers") from None
+
+
+def weights_file(run_dir: str | Path, which: str = "best") -> Path:
+    """The run's best.safetensors (which="best") or checkpoints/last.pt (which="last"), else the other."""
+    run_dir = Path(run_dir)
+    for name in ((BEST, LAST) if which == "best" else (LAST, BEST)):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise FileNotFoundError(f"{run_dir}: no weights ({BEST} or {LAST}); did training finish an epoch?")
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> Run:
     """Rebuild a run's model from config.json and load its best (or last) weights."""
-    from common.models import build_model
+    from common.models import (
+        build_model,  # torch: reading a run's files alone does not need it
+    )
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    state = load_weights(weights_file(run_dir, which))
     model = build_model(**cfg["model"], pretrained=None)  # None: no random-init warning, weights load next
-    if which == "best" and (run_dir / BEST).is_file():
-        state = load_weights(run_dir / BEST)
-    elif (run_dir / LAST).is_file():
-        state = load_weights(run_dir / LAST)
-    elif (run_dir / BEST).is_file():
-        state = load_weights(run_dir / BEST)
-    else:
-        raise FileNotFoundError(f"{run_dir}: no weights ({BEST} or {LAST}); did training finish an epoch?")
     model.load_state_dict(state)
     model.to(device).eval()
     labels = list(cfg["labels"])
     return Run(run_dir, cfg, model, labels, read_thresholds(run_dir, labels))
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in (CONFIG, BEST, LAST))
+
+
+def init_from(model, source: str | Path) -> dict:
+    """Initialise a model's backbone from a run directory or a weights file; the head stays fresh.
+
+    The stage 1 -> stage 2 step and the study's "medical pretraining": weights whose names and
+    shapes match are loaded (a plain timm checkpoint of the same architecture works too), the head
+    is not. A run directory gives its best.safetensors, else checkpoints/last.pt; a folder that is
+    not a run gives the weights file inside it. Returns {"kept", "dropped", "new"}: lists of weight
+    names for the run log.
+    """
+    from common.models import load_backbone_state  # torch: see load_run
+
+    source = Path(source)
+    if _is_run_dir(source):
+        path = weights_file(source)
+    elif source.exists():
+        path = source
+    else:
+        raise FileNotFoundError(f"{source}: no such run directory or weights file")
+    try:
+        return load_backbone_state(model, load_weights(path), source=str(path))
+    except ValueError as err:
+        if (source / CONFIG).is_file() and "matches only" in str(err):
+            other = (load_json(source / CONFIG).get("model") or {}).get("model_name")
+            raise ValueError(f"{err} (that run used model_name={other!r})") from None
+        raise
 
 
 def find_runs(root: str | Path) -> list[Path]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.labels import TASKS
+from common.weights import Weights
 
 HEADS = ("mlp", "linear")
 
@@ -28,7 +29,7 @@ class TrainConfig:
     model_name: str = "tf_efficientnet_b4.ns_jft_in1k"  # any timm.list_models() name; the study's B4 Noisy Student
     head: str = "mlp"  # 'mlp' = the study's 2-hidden-layer head, 'linear' = one Linear layer
     head_dropout: float = 0.3  # dropout inside the MLP head (the study's 0.3)
-    pretrained: bool | str = False  # True: timm hub weights (needs internet); a path/URL: local weights; False: random init (far below published results)
+    pretrained: bool | str = False  # True/"hub": timm hub weights (needs internet); a path/URL: local weights; False/"none": random init (far below published results). Any `common.weights.Weights` spelling; stored as Weights.config_value()
     init_from: str | None = None  # run dir or checkpoint whose backbone starts this run (stage 1 -> stage 2, "medical pretraining"); head is new
     freeze: int = 0  # freeze the first K backbone stages/blocks (0 none, -1 whole backbone: head only)
     in_chans: int = 3  # 3 = grey repeated to RGB as the study did; 1 = one-channel stem
@@ -60,6 +61,15 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars (rank 0 only)
     out: str = ""  # the run directory (required); rerunning with the same out resumes from checkpoints/last.pt
 
+    def __post_init__(self) -> None:
+        # one spelling per source (False / True / the path or URL), as config.json and run keys hold it
+        self.pretrained = Weights.parse(self.pretrained).config_value()
+
+    @property
+    def weights(self) -> Weights:
+        """Where the backbone's starting weights come from (`pretrained` as a typed value)."""
+        return Weights.parse(self.pretrained)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (e.g. config.json["train"]); unknown keys are an error."""
@@ -78,7 +88,7 @@ class TrainConfig:
         """A JSON-able dict; `TrainConfig.from_dict(c.asdict()) == c`."""
         d = dataclasses.asdict(self)
         d["data"] = [str(p) for p in self.data]
-        d["pretrained"] = str(self.pretrained) if not isinstance(self.pretrained, bool) else self.pretrained
+        d["pretrained"] = self.weights.config_value()
         return d
 
     def validate(self) -> TrainConfig:

@@ -16,10 +16,10 @@ from common.models import (
     backbone_groups,
     build_model,
     freeze,
-    init_from,
     mlp_hidden_sizes,
     model_input_config,
 )
+from common.runs import init_from
 
 # Every family the experiments name: timm's tiny test models where they exist, else the smallest
 # real variant at a small input.

@@ -42,7 +42,7 @@ def test_profiles_take_weights_from_the_argument_or_the_environment(tmp_path, mo
     prof = ex.get_profile("quick")
     assert prof.pretrained_for("efficientnet_b0") == str(tmp_path / "efficientnet_b0.safetensors")
     assert f"pretrained weights from {tmp_path}" in prof.label
-    assert ex.get_profile("quick", smoke=True).weights is None  # tiny test models have no weights
+    assert ex.get_profile("quick", smoke=True).weights.is_random  # tiny test models have no weights
     with pytest.raises(FileNotFoundError, match="resnet18"):
         prof.pretrained_for("resnet18")
     monkeypatch.setenv(ex.WEIGHTS_ENV, str(tmp_path / "missing"))
@@ -76,3 +76,47 @@ def test_reproduce_refuses_a_weights_folder_that_does_not_exist(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "is not a folder" in done.stderr and "hub" in done.stderr
+
+
+def test_weights_parse_every_spelling_and_store_the_old_config_value(tmp_path):
+    from common.train_config import TrainConfig
+    from common.weights import HUB, LOCAL, RANDOM, URL, Weights
+
+    for value in (None, False, "none", "Random"):
+        assert Weights.parse(value) == Weights(RANDOM) and Weights.parse(value).config_value() is False
+    for value in (True, "hub", "ImageNet"):
+        assert Weights.parse(value) == Weights(HUB) and Weights.parse(value).config_value() is True
+    assert Weights.parse(tmp_path / "w.pth") == Weights(LOCAL, str(tmp_path / "w.pth"))
+    assert Weights.parse("https://host/w.pth").kind == URL
+    with pytest.raises(TypeError, match="pretrained=3"):
+        Weights.parse(3)
+    # config.json keeps its old values, so old runs read back and run keys do not change
+    assert TrainConfig().asdict()["pretrained"] is False
+    assert TrainConfig(pretrained=Weights(HUB)).asdict()["pretrained"] is True
+    cfg = TrainConfig(pretrained=tmp_path / "w.pth", out="r")
+    assert cfg.asdict()["pretrained"] == str(tmp_path / "w.pth") and cfg.weights.kind == LOCAL
+    assert TrainConfig.from_dict(cfg.asdict()) == cfg
+    assert TrainConfig(pretrained="hub") == TrainConfig(pretrained=True)
+
+
+def test_a_weights_folder_resolves_per_model_and_describes_itself(tmp_path):
+    from common.weights import Weights
+
+    (tmp_path / "resnet50.safetensors").write_bytes(b"x")
+    folder = Weights.parse(tmp_path)
+    assert folder.for_model("resnet50.a1_in1k") == Weights.parse(tmp_path / "resnet50.safetensors")
+    assert Weights.parse(True).for_model("resnet50") == Weights.parse(True)
+    assert folder.describe() == f"pretrained weights from {tmp_path}"
+    assert Weights.parse(None).describe() == "random initialisation"
+    assert Weights.parse(True).describe() == "timm hub weights"
+
+
+def test_build_model_takes_a_weights_value(tmp_path):
+    from common.weights import Weights
+
+    donor = build_model("test_efficientnet", num_labels=2, pretrained=None)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = build_model("test_efficientnet", num_labels=2, pretrained=Weights.parse(tmp_path / "w.safetensors"))
+    assert model.pretrained_report["source"] == str(tmp_path / "w.safetensors")
+    with pytest.warns(UserWarning, match="random initialisation"):
+        build_model("test_efficientnet", num_labels=2, pretrained="none")
