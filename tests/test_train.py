@@ -17,7 +17,7 @@ from common.train import TrainConfig, WarmupCosine, fit, masked_bce, select_task
 pytestmark = pytest.mark.filterwarnings("ignore:pretrained=False:UserWarning")
 
 RUN_FILES = ("config.json", "metrics.csv", "log.txt", "checkpoints/last.pt", "best.safetensors",
-             "thresholds.json", "metrics.json", "test_predictions.csv", "roc.png")
+             "thresholds.json", "metrics.json", "test_predictions.csv", "roc.png", "split.csv")
 METRIC_KEYS = ("n_images", "labels", "n_positive", "auroc", "auroc_ci", "mean_auroc", "mean_auroc_ci", "auprc",
                "mean_auprc", "accuracy", "mean_accuracy", "thresholds", "sensitivity", "specificity", "f1",
                "baseline_all_absent_accuracy", "mean_baseline_all_absent_accuracy")

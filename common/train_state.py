@@ -1,0 +1,139 @@
+"""What the training loop writes as it goes and reads back to resume (used by `common.train`).
+
+`LoopState` (where training stands) and checkpoints/last.pt, the per-micro-batch seeds and the
+global RNG states, log.txt (`RunLog`), metrics.csv, and the check that a rerun in the same folder
+is the same run.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common import distributed, runs
+from common.distributed import DistInfo
+from common.train_config import TrainConfig
+
+__all__ = ["LoopState", "RunLog", "write_metrics_csv", "micro_seed", "rng_state", "set_rng_state",
+           "save_checkpoint", "check_same_run", "RESUMABLE_CHANGES"]
+
+# Fields that may differ when resuming (how to run, not what to compute).
+RESUMABLE_CHANGES = {"device", "num_workers", "progress", "eval_batch_size", "checkpoint_every",
+                     "epochs", "max_steps", "patience", "n_boot", "out"}
+
+
+@dataclass
+class LoopState:
+    """Where training stands: the top-level keys of checkpoints/last.pt, restored on resume."""
+
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # micro-batches of the current epoch trained and stepped
+    step: int = 0  # optimiser steps taken
+    loss_sum: float = 0.0  # the current epoch's train loss so far (rank 0 carries the sum over ranks)
+    loss_count: int = 0  # ... over this many micro-batches
+    best_score: float | None = None  # the best dev score so far (higher is better)
+    best_metric: str | None = None  # what best_score measures: dev_mean_auroc, dev_loss or epoch
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the best one (early stopping)
+    history: list[dict] = field(default_factory=list)  # metrics.csv's rows
+    training_done: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> LoopState:
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
+
+
+
+class RunLog:
+    """Print a line (above any progress bar) and append it to RUN_DIR/log.txt; silent off rank 0."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(msg)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"[{stamp}] {msg}\n")
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """metrics.csv: one row per scored epoch (LoopState.history), floats to 6 significant digits."""
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    runs.atomic_write_text(path, buf.getvalue())
+
+
+def micro_seed(seed: int, epoch: int, micro: int, rank: int) -> int:
+    """The seed of one training micro-batch: what makes a resumed run replay an interrupted one exactly."""
+    return int(np.random.SeedSequence([seed, epoch, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def rng_state() -> dict:
+    """The torch, numpy, Python (and CUDA) global RNG states, as plain containers torch.load accepts."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved (CUDA only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_same_run(saved: dict, cfg: TrainConfig, where: Path) -> list[str]:
+    """Raise when `cfg` would compute a different run than the one in `where`; list allowed changes."""
+    now = cfg.asdict()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if any(k == "split_fractions" for k in changed) and list(saved.get("split_fractions", [])) == list(now["split_fractions"]):
+        changed.remove("split_fractions")  # a tuple read back from JSON is a list
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking)
+        raise ValueError(f"{where}: holds a run with different settings ({detail}). Resume it with the same "
+                         "settings, or give a new --out for a new run.")
+    return [k for k in changed if k != "out"]
+
+
+def save_checkpoint(path: Path, info: DistInfo, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: dict, config: dict, init: dict | None, state: LoopState) -> None:
+    """checkpoints/last.pt (rank 0; every rank waits): the weights, optimiser, schedule, RNG states,
+    the configuration and the loop state (its fields as top-level keys)."""
+    if info.is_main:
+        runs.atomic_torch_save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler,
+            "rng": rng_state(), "config": config, "init": init, **dataclasses.asdict(state),
+        }, path)
+    distributed.barrier(info)
