@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "nih-sample"
+from common.paths import sample_data_dir
+
+DEFAULT_DATA = sample_data_dir() / "nih-sample"
 
 
 def naive_epoch(paths, size, mean, std, batch_size, seed) -> float:

@@ -26,13 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common.paths import sample_data_dir
 
 
 def _sample_images() -> Path:
-    env = os.environ.get("MEDIMAGING_SAMPLE_DATA")
-    root = Path(env) if env else REPO.parent / "shared" / "data"
-    images = root / "nih-sample" / "images"
+    images = sample_data_dir() / "nih-sample" / "images"
     if not images.is_dir():
         sys.exit(f"bench_infer: no NIH sample images at {images}; set MEDIMAGING_SAMPLE_DATA or pass --image")
     return images

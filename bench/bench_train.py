@@ -25,14 +25,15 @@ from common.cache import ImageCache, XrayTensorDataset
 from common.data import load_dataset
 from common.labels import LABELS
 from common.models import build_model, model_input_config
+from common.paths import sample_data_dir
 from common.train import BatchTransform, ResumableSampler, masked_bce
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih-sample"
+DEFAULT_DATA = sample_data_dir() / "nih-sample"
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: ../shared/data/nih-sample)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"dataset folder (default: {DEFAULT_DATA})")
     p.add_argument("--model", default="efficientnet_b0")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)

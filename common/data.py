@@ -16,6 +16,10 @@ Layouts (detected automatically):
     "full"          the original project's dataset_full: 14_train.csv, images anywhere below
     "cardiomegaly"  the original project's dataset_cardiomegaly: train/ test/ train.csv test.csv
                     (imageID,disease); a test csv without labels is an unlabelled set
+
+Which folders to use when none are given: `default_data_dirs` (dataset_full/ and
+dataset_cardiomegaly/, found by `common.paths.find_data_dir`, else the synthetic default).
+`summarize` is what `medimaging data summary` reports.
 """
 from __future__ import annotations
 
@@ -28,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.cache import ImageCache
 from common.images import IMAGE_EXTENSIONS
 from common.labels import LABELS, NO_FINDING, TASKS, parse_findings
+from common.paths import DATASET_CARDIOMEGALY, DATASET_FULL, find_data_dir, has_data
+from common.synthetic import SYNTHETIC_MARKER, ensure_default
 
 NIH_CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 FULL_CSV = "14_train.csv"
 CARDIO_CSVS = ("train.csv", "test.csv")
-SYNTHETIC_MARKER = "SYNTHETIC.json"  # written by common.synthetic into every dataset it makes
 
 LAYOUT_HELP = (
     "Expected one of these layouts:\n"
@@ -384,6 +390,30 @@ def combine(datasets: Sequence[XrayData]) -> XrayData:
     )
 
 
+def summarize(dirs: Sequence[str | Path], size: int = 224, workers: int | None = None, progress: bool = True) -> dict:
+    """What one or more dataset folders (combined) hold, as a JSON-able dict: dataset, layout,
+    is_synthetic, images_found, rows_without_image, unreadable ([{path, reason}]), patients,
+    positives (label -> count), labelled (label -> images with a known label).
+
+    Every image is decoded through the image cache at `size`, which finds the unreadable ones and
+    leaves the work for training to reuse.
+    """
+    data = combine([load_dataset(d, quiet=True) for d in dirs])
+    frame = data.frame
+    cached = ImageCache(size).load(frame["path"].tolist(), workers=workers, progress=progress)
+    values = frame[list(LABELS)].to_numpy(dtype=np.float32)
+    return {
+        "dataset": data.name,
+        "layout": data.layout,
+        "is_synthetic": bool(data.is_synthetic),
+        "images_found": int(len(frame)),
+        "rows_without_image": int(data.rows_without_image),
+        "unreadable": [{"path": p, "reason": r} for p, r in cached.unreadable],
+        "patients": int(frame["patient_id"].nunique()),
+        "positives": {name: int(np.nansum(values[:, i] == 1)) for i, name in enumerate(LABELS)},
+        "labelled": {name: int(np.sum(~np.isnan(values[:, i]))) for i, name in enumerate(LABELS)},
+    }
+
 def select_task(frame: pd.DataFrame, task: str) -> tuple[pd.DataFrame, list[str]]:
     """The rows and output labels of a task.
 
@@ -492,33 +522,16 @@ def load_labels(path: str | Path) -> pd.DataFrame:
     return out
 
 
-def _resolve_data_dir(d: str | Path) -> Path:
-    """A relative folder is looked up in the working directory, then at the repository root."""
-    p = Path(d).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    repo = Path(__file__).resolve().parents[1]
-    return (repo / p).resolve() if (repo / p).exists() else p.resolve()
-
-
-def has_data(folder: Path) -> bool:
-    """A folder with something in it besides hidden files and its README."""
-    if not folder.is_dir():
-        return False
-    return any(not e.name.startswith(".") and not e.name.lower().startswith("readme") for e in os.scandir(folder))
-
-
-def default_data_dirs(full_dir: str | Path = "dataset_full",
-                      cardio_dir: str | Path = "dataset_cardiomegaly") -> tuple[list[Path], bool]:
-    """The dataset folders to use: the non-empty ones of (full_dir, cardio_dir), `is_synthetic`=False;
-    when both are empty or missing, the synthetic default ([nih, cardiomegaly] under
-    cache_root()/synthetic-v1, generated once and reused), `is_synthetic`=True.
+def default_data_dirs(full_dir: str | Path = DATASET_FULL,
+                      cardio_dir: str | Path = DATASET_CARDIOMEGALY) -> tuple[list[Path], bool]:
+    """The dataset folders to use: the non-empty ones of (full_dir, cardio_dir), each found by
+    `common.paths.find_data_dir`, `is_synthetic`=False; when both are empty or missing, the
+    synthetic default ([nih, cardiomegaly] under cache_root()/synthetic-v1, generated once and
+    reused), `is_synthetic`=True.
     """
-    found = [p for p in (_resolve_data_dir(full_dir), _resolve_data_dir(cardio_dir)) if has_data(p)]
+    found = [p for p in (find_data_dir(full_dir), find_data_dir(cardio_dir)) if has_data(p)]
     if found:
         return found, False
-    from common.synthetic import ensure_default
-
-    print("dataset_full/ and dataset_cardiomegaly/ are empty: using the SYNTHETIC default dataset "
-          "(see dataset_full/README.md to use real NIH data)", file=sys.stderr)
+    print(f"{DATASET_FULL}/ and {DATASET_CARDIOMEGALY}/ are empty: using the SYNTHETIC default dataset "
+          f"(see {DATASET_FULL}/README.md to use real NIH data)", file=sys.stderr)
     return ensure_default(), True

@@ -10,20 +10,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _sample_root() -> Path:
-    env = os.environ.get("MEDIMAGING_SAMPLE_DATA")
-    return Path(env).resolve() if env else (REPO.parent / "shared" / "data").resolve()
+from common.paths import SAMPLE_DATA_ENV, sample_data_dir
 
 
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     """Root of the real NIH sample data (`nih-sample/`, `nih-64-cardiomegaly/`)."""
-    root = _sample_root()
+    root = sample_data_dir()
     if not (root / "nih-sample").is_dir():
-        msg = f"real NIH sample data not found at {root} (set MEDIMAGING_SAMPLE_DATA)"
+        msg = f"real NIH sample data not found at {root} (set {SAMPLE_DATA_ENV})"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)

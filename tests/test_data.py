@@ -19,6 +19,7 @@ from common.data import (
     patient_split,
 )
 from common.labels import LABELS
+from common.paths import find_data_dir, has_data
 
 # Positives among the 400 images of nih-sample, from its README.
 NIH_SAMPLE_POSITIVES = {
@@ -191,28 +192,20 @@ def test_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DatasetError, match="no label file(.|\n)*Data_Entry_2017_v2020.csv"):
         load_dataset(empty)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "Data_Entry_2017.csv").write_text("Image Index,Labels\na.png,Mass\n")
-    with pytest.raises(DatasetError, match=r"missing column\(s\) \['Finding Labels', 'Patient ID'\]"):
-        load_dataset(bad)
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    (unknown / "14_train.csv").write_text("Image Index,Finding Labels\na.png,Mass\nb.png,Broken Leg\n")
-    with pytest.raises(DatasetError, match="line 3(.|\n)*Broken Leg"):
-        load_dataset(unknown)
-    nocol = tmp_path / "nocol"
-    nocol.mkdir()
-    (nocol / "14_train.csv").write_text("foo,bar\n1,2\n")
-    with pytest.raises(DatasetError, match="image id column"):
-        load_dataset(nocol)
-    noimg = tmp_path / "noimg"
-    noimg.mkdir()
-    (noimg / "14_train.csv").write_text("Image Index,Finding Labels\na.png,Mass\n")
-    with pytest.raises(DatasetError, match="none of the 1 images"):
-        load_dataset(noimg)
     with pytest.raises(DatasetError, match="no such label file"):
         load_labels(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("label_file, text, error", [
+    ("Data_Entry_2017.csv", "Image Index,Labels\na.png,Mass\n", r"missing column\(s\) \['Finding Labels', 'Patient ID'\]"),
+    ("14_train.csv", "Image Index,Finding Labels\na.png,Mass\nb.png,Broken Leg\n", "line 3(.|\n)*Broken Leg"),
+    ("14_train.csv", "foo,bar\n1,2\n", "image id column"),
+    ("14_train.csv", "Image Index,Finding Labels\na.png,Mass\n", "none of the 1 images"),
+], ids=["missing-columns", "unknown-finding", "no-image-column", "no-image-found"])
+def test_a_bad_label_file_is_a_clear_error(tmp_path, label_file, text, error):
+    (tmp_path / label_file).write_text(text)
+    with pytest.raises(DatasetError, match=error):
+        load_dataset(tmp_path)
 
 
 # ------------------------------------------------------------------------------- default dirs
@@ -237,6 +230,30 @@ def test_default_data_dirs(tmp_path, monkeypatch, nih_sample):
     os.symlink(nih_sample / "Data_Entry_2017_v2020.csv", full / "Data_Entry_2017_v2020.csv")
     assert default_data_dirs(full, cardio) == ([full.resolve()], False)
 
+
+
+def test_a_data_folder_is_found_upwards_then_at_the_repository(tmp_path, monkeypatch):
+    from common import paths
+
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "dataset_full").mkdir()
+    monkeypatch.chdir(repo / "notebooks")  # a notebook runs in its own folder
+    assert find_data_dir("dataset_full") == (repo / "dataset_full").resolve()
+    (repo / "notebooks" / "dataset_full").mkdir()
+    assert find_data_dir("dataset_full") == (repo / "notebooks" / "dataset_full").resolve()  # the nearest wins
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a command run outside the checkout finds the checkout's folder
+    monkeypatch.setattr(paths, "REPO_ROOT", repo)
+    assert find_data_dir("dataset_full") == (repo / "dataset_full").resolve()
+    assert find_data_dir("nowhere") == (elsewhere / "nowhere").resolve()
+    assert find_data_dir(tmp_path / "abs") == (tmp_path / "abs").resolve()  # an absolute path is itself
+    assert not has_data(repo / "dataset_full") and not has_data(elsewhere / "nowhere")
+    (repo / "dataset_full" / "README.md").write_text("put data here\n")
+    assert not has_data(repo / "dataset_full")
+    (repo / "dataset_full" / "14_train.csv").write_text("Image Index,Finding Labels\n")
+    assert has_data(repo / "dataset_full")
 
 # ----------------------------------------------------------------------------------- summary
 def test_data_summary_json(nih_sample, capsys):

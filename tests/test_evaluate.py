@@ -174,3 +174,27 @@ def test_command_line_entry_point(tmp_path, data_entry, truth, probs):
                            str(data_entry), "--n-boot", "0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "50 images, 14 label(s)" in proc.stdout and "| **Mean** |" in proc.stdout
+
+
+def test_the_library_scores_what_predict_writes(tmp_path, data_entry, truth, probs):
+    from common.evaluate import EvaluationError, evaluate_files
+    from common.serving import Prediction, write_predictions_csv
+
+    rows = [Prediction(str(tmp_path / i), dict(zip(LABELS, map(float, p))), []) for i, p in zip(truth.index, probs)]
+    write_predictions_csv(rows, LABELS, tmp_path / "pred.csv")
+    result = evaluate_files(tmp_path / "pred.csv", data_entry, n_boot=0)
+    assert result["n_images"] == N_IMAGES and result["labels"] == list(LABELS)
+    y, p = truth["Mass"].to_numpy(), probs[:, LABELS.index("Mass")]
+    assert result["auroc"]["Mass"] == pytest.approx(roc_auc_score(y, np.round(p, 5)), abs=1e-3)  # csv keeps 6 digits
+    with pytest.raises(EvaluationError, match="give --label or --task"):
+        evaluate_files(tmp_path / "pred.csv", data_entry, label_names=["Mass"], task="all14")
+
+
+def test_building_the_parser_stays_light():
+    # every subcommand's arguments are built for `medimaging --help`: evaluation's pandas and
+    # scikit-learn load only when it runs
+    code = ("import sys, common.cli as c; c.build_parser(); "
+            "print(sorted({'pandas', 'sklearn', 'torch'} & {m.split('.')[0] for m in sys.modules}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

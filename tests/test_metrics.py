@@ -8,7 +8,12 @@ import sys
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
 
 from common.labels import LABELS
 from common.metrics import (

@@ -2,15 +2,24 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from common import cli
 from common.data import load_dataset, patient_split
 from common.labels import LABELS
-from common.synthetic import BBOX_CSV, BOXED_FINDINGS, _anatomy, _sample_findings, generate, render
+from common.synthetic import (
+    BBOX_CSV,
+    BOXED_FINDINGS,
+    _sample_findings,
+    generate,
+    random_anatomy,
+    render,
+)
 
 # Findings that add density (brighter) and those that add air (darker), on average.
 DARKER = {"Pneumothorax", "Emphysema", "Hernia"}
@@ -21,6 +30,30 @@ def _same_tree(a: Path, b: Path) -> bool:
     files = [p.relative_to(a) for p in a.rglob("*") if p.is_file()]
     return (not cmp.left_only and not cmp.right_only and len(files) > 0
             and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files))
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over a folder: each file's path and content, a PNG's by its pixels (zlib may encode
+    the same pixels differently elsewhere)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            data = np.asarray(Image.open(p)).tobytes() if p.suffix == ".png" else p.read_bytes()
+            h.update(f"{p.relative_to(root).as_posix()}\n".encode() + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def test_the_generated_data_is_pinned(tmp_path):
+    # Digests of what the generator made before `render` and `generate` were cut into steps: the
+    # committed synthetic results depend on every byte, so a change here needs a new GENERATOR_VERSION.
+    boxes: list = []
+    img = render(np.random.default_rng(5), random_anatomy(np.random.default_rng(11)), set(LABELS), 64, boxes=boxes)
+    assert hashlib.sha256(img.tobytes()).hexdigest() == "6467be762385d0dd477ba2c074913cd008c80aea4303c0aa1fa5830285534553"
+    assert len(boxes) == 12
+    nih = generate(tmp_path / "nih", "nih", n_images=24, image_size=48, seed=7, progress=False, workers=1)
+    assert _tree_digest(nih) == "5398d1234d14109108cfad9ea1a9339dc907e67b09b84875fb3017aa396485f3"
+    cardio = generate(tmp_path / "c", "cardiomegaly", n_images=12, image_size=40, seed=7, progress=False, workers=1)
+    assert _tree_digest(cardio) == "b5c6a9295ae097f5b5a219ee74a6601481579dd544cdb1490d21fb218264fcb2"
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
@@ -62,7 +95,7 @@ def test_cardiomegaly_layout(tmp_path):
 
 @pytest.mark.parametrize("label", LABELS)
 def test_each_label_changes_the_image(label):
-    anat = _anatomy(np.random.default_rng(11))
+    anat = random_anatomy(np.random.default_rng(11))
     normal = render(np.random.default_rng(5), anat, set(), 128).astype(int)
     sick = render(np.random.default_rng(5), anat, {label}, 128).astype(int)
     diff = sick - normal
@@ -74,7 +107,7 @@ def test_each_label_changes_the_image(label):
 
 @pytest.mark.parametrize("label", LABELS)
 def test_boxes_are_where_the_finding_was_drawn(label):
-    anat = _anatomy(np.random.default_rng(11))
+    anat = random_anatomy(np.random.default_rng(11))
     normal = render(np.random.default_rng(5), anat, set(), 128).astype(int)
     boxes: list = []
     sick = render(np.random.default_rng(5), anat, {label}, 128, boxes=boxes)
@@ -136,7 +169,7 @@ def test_a_default_made_before_box_files_is_made_again(tmp_path, monkeypatch):
 def test_cardiomegaly_widens_the_heart():
     widths = {}
     for flag in (False, True):
-        anat = _anatomy(np.random.default_rng(3))
+        anat = random_anatomy(np.random.default_rng(3))
         img = render(np.random.default_rng(9), anat, {"Cardiomegaly"} if flag else set(), 256).astype(float)
         row = img[int(anat.heart_cy * 256)]  # a row through the heart: bright between the dark lungs
         centre = int(anat.cx * 256)

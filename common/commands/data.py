@@ -5,9 +5,8 @@
 
 `summary` reads the folder (any of the three layouts), decodes every image through the image cache
 (so the work is reused by training) and reports images found, rows without an image file,
-unreadable files with their reasons, patients, and positives per label. `--json` prints one JSON
-object with the keys images_found, rows_without_image, unreadable ([{path, reason}]), patients,
-positives (label → count), plus labelled (label → images with a known label), layout, is_synthetic.
+unreadable files with their reasons, patients, and positives per label: `common.data.summarize`
+does the work (its docstring lists the keys `--json` prints), this module parses and prints.
 """
 from __future__ import annotations
 
@@ -38,33 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(_data_parser=p)
 
 
-def summarize(dirs: list[str], size: int = 224, workers: int | None = None, progress: bool = True) -> dict:
-    """The summary of one or more dataset folders as a JSON-able dict (see the module docstring)."""
-    import numpy as np
-
-    from common.cache import ImageCache
-    from common.data import combine, load_dataset
-    from common.labels import LABELS
-
-    data = combine([load_dataset(d, quiet=True) for d in dirs])
-    frame = data.frame
-    cached = ImageCache(size).load(frame["path"].tolist(), workers=workers, progress=progress)
-    values = frame[list(LABELS)].to_numpy(dtype=np.float32)
-    return {
-        "dataset": data.name,
-        "layout": data.layout,
-        "is_synthetic": bool(data.is_synthetic),
-        "images_found": int(len(frame)),
-        "rows_without_image": int(data.rows_without_image),
-        "unreadable": [{"path": p, "reason": r} for p, r in cached.unreadable],
-        "patients": int(frame["patient_id"].nunique()),
-        "positives": {name: int(np.nansum(values[:, i] == 1)) for i, name in enumerate(LABELS)},
-        "labelled": {name: int(np.sum(~np.isnan(values[:, i]))) for i, name in enumerate(LABELS)},
-    }
-
-
 def format_summary(s: dict) -> str:
-    """The human-readable table of `summarize`'s result."""
+    """The human-readable table of `common.data.summarize`'s result."""
     title = f"{s['dataset']} ({s['layout']} layout{', SYNTHETIC' if s['is_synthetic'] else ''})"
     lines = [title, "=" * len(title),
              f"images found        {s['images_found']:>8}",
@@ -83,7 +57,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.data import DatasetError
+    from common.data import DatasetError, summarize
 
     if args.data_command == "summary":
         try:

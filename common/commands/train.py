@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", choices=HEADS, default=_D.head, help=f"classifier head (default: {_D.head})")
     g.add_argument("--head-dropout", type=float, default=_D.head_dropout, help=f"MLP head dropout (default: {_D.head_dropout})")
     g.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="PATH_OR_URL",
-                   help="start from pretrained weights: the flag alone = timm hub (needs internet), or a local "
-                        "weights file/folder or URL; default: random init (far below published results)")
+                   help="start from pretrained weights: the flag alone (or 'hub') = timm hub (needs internet), or a "
+                        "local weights file/folder or URL; default: random init (far below published results)")
     g.add_argument("--init-from", metavar="RUN", default=None,
                    help="backbone from an earlier run dir or checkpoint (stage 1 -> stage 2); the head is new")
     g.add_argument("--freeze", type=int, default=_D.freeze, metavar="K",
@@ -92,9 +92,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
 
+    from common.io import load_json
+    from common.metrics import format_table
+    from common.runs import METRICS_JSON
     from common.train import fit
 
     cfg = config_from_args(args).validate()
@@ -102,11 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"run directory: {run_dir}")
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_JSON
     if metrics_path.is_file():
-        from common.metrics import format_table
-
-        metrics = json.loads(metrics_path.read_text())
+        metrics = load_json(metrics_path)
         if metrics.get("n_images"):
             synthetic = metrics.get("run", {}).get("synthetic")
             print(("SYNTHETIC data: " if synthetic else "") + "test split")
