@@ -2,7 +2,9 @@
 
     .venv/bin/streamlit run app/app.py          # runs under $MEDIMAGING_RUNS, else runs/ and results/
 
-A thin view over `common.onnx_predict` (ONNX Runtime) and `common.explain`. Predicting never
+A thin view: it reads its settings and shows; `common` does the work. Models are found by
+`common.catalog`, uploads decoded by `common.images` (DICOM too, with pydicom), predictions made by
+`common.onnx_predict` (ONNX Runtime), overlays by `common.explain`. Predicting never
 imports torch: a run without an ONNX export is exported once, in a separate process
 (`medimaging export`). Grad-CAM is computed in numpy for CNNs; only models whose Grad-CAM needs
 torch (ViTs) import it, lazily, when an overlay is asked for, and the page says so.
@@ -16,7 +18,6 @@ MEDIMAGING_MAX_UPLOAD_MB (default 50).
 """
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -26,107 +27,32 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from common.images import MAX_PIXELS, UnreadableImage, read_grayscale
-from common.onnx_predict import EXPORT_DIR, FP32, INT8, OnnxModelError, OnnxPredictor, is_stale, resolve_export_dir
-from common.predict import ONNX_META
+from common.catalog import describe_model, find_models, model_roots
+from common.images import UnreadableImage, dicom_available, read_grayscale
+from common.onnx_predict import OnnxPredictor
+from common.serving import EXPORT_DIR, FP32, INT8, OnnxModelError, needs_export, resolve_export_dir
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_MB = float(os.environ.get("MEDIMAGING_MAX_UPLOAD_MB", "50"))
 CHART_ROW_PX = 26  # bar chart height per finding: every label stays readable
 PRECISIONS = {"fp32": FP32, "int8": INT8}  # fp32 first: the reference accuracy is the default
 DISCLAIMER = ("**Research prototype - not for diagnosis.** The probabilities come from a model trained on "
               "NIH ChestX-ray14's text-mined labels; they are not validated for clinical use and must not "
               "guide the care of any patient.")
+# What `medimaging export --run RUN` does when needed (common.export.ensure_export), without the whole CLI.
+EXPORT_CODE = "import sys; from common.export import ensure_export; ensure_export(sys.argv[1], int8=False)"
 
 
-def _has_pydicom() -> bool:
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def runs_roots() -> list[Path]:
-    """Where to look for runs: $MEDIMAGING_RUNS, else runs/ and results/ (here and in the repository)."""
-    env = os.environ.get("MEDIMAGING_RUNS")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    roots = [Path("runs"), Path("results"), REPO / "runs", REPO / "results"]
-    unique: list[Path] = []
-    for r in roots:
-        if r.resolve() not in [u.resolve() for u in unique]:
-            unique.append(r)
-    return unique
-
-
-def _stamp(path: Path) -> float:
-    """When a model was made: its config.json (run) or ONNX metadata (export) file's mtime.
-
-    Not the folder's own mtime: exporting a run on first use adds a folder inside it, which
-    would change the label (and the selectbox value) between two reruns of the page."""
-    for name in ("config.json", ONNX_META):
-        if (path / name).is_file():
-            return (path / name).stat().st_mtime
-    return path.stat().st_mtime
-
-
-def find_models(roots: list[Path]) -> list[Path]:
-    """Run directories (with weights) and stand-alone export folders under roots, newest first."""
-    from common.runs import find_runs
-
-    found: dict[Path, float] = {}
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for run in find_runs(root):
-            found[run.resolve()] = _stamp(run)
-        for meta in root.rglob(ONNX_META):
-            folder = meta.parent.resolve()
-            if (folder / "model.onnx").is_file() and not (folder.parent / "config.json").is_file():
-                found[folder] = _stamp(folder)
-    return sorted(found, key=lambda p: -found[p])
-
-
-def describe(path: Path) -> str:
-    import json
-
-    cfg = path / "config.json"
-    meta = path / ONNX_META
-    try:
-        info = json.loads((cfg if cfg.is_file() else meta).read_text())
-    except (OSError, ValueError):
-        return path.name
-    model = (info.get("model") or {}).get("model_name", "?")
-    n = len(info.get("labels") or [])
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(_stamp(path)))
-    return f"{path.name} - {model}, {n} finding{'s' if n != 1 else ''}, {when}" + (" (SYNTHETIC data)" if info.get("synthetic") else "")
-
-
-def needs_export(path: Path) -> bool:
-    """A run without an export, or whose weights are newer than its export (retrained in place)."""
-    try:
-        export = resolve_export_dir(path)
-    except OnnxModelError:
-        if not (path / "config.json").is_file():
-            raise
-        return True
-    return (path / "config.json").is_file() and is_stale(export)
-
-
-def ensure_export(path: Path) -> Path:
-    """The run's ONNX export folder, made on first use or when the run's weights are newer (in a
-    separate process, so torch stays out of here).
+def export_folder(path: Path) -> Path:
+    """The model's ONNX export folder, made on first use or when the run's weights are newer
+    (`common.serving.needs_export`), in a separate process, so torch stays out of here.
 
     A re-export is fp32 only (int8 needs the run's data to calibrate, and minutes): an int8 model
     older than the weights is removed with the old export, and the page says how to remake it."""
     if not needs_export(path):
         return resolve_export_dir(path)
     had_int8 = (path / EXPORT_DIR / INT8).is_file()
-    # what `medimaging export --run RUN` does, without building the whole CLI
-    cmd = [sys.executable, "-c", "import sys; from common.export import export_onnx; export_onnx(sys.argv[1])", str(path)]
     with st.spinner(f"Exporting this run to ONNX (`medimaging export --run {path}`): first use or new weights..."):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", EXPORT_CODE, str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise OnnxModelError(f"exporting {path} failed:\n{tail}\nRun `medimaging export --run {path}` to see why.")
@@ -154,48 +80,12 @@ def served_caption(model_file: Path, meta: dict) -> str:
     return text + "."
 
 
-def decode_dicom(data: bytes) -> np.ndarray:
-    """A DICOM file → 2-D uint8 (modality + VOI LUT applied, MONOCHROME1 inverted)."""
-    import pydicom
-
-    where = "<upload>"
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as err:
-        raise UnreadableImage(where, f"not a readable DICOM file ({err})") from None
-    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if rows * cols > MAX_PIXELS:
-        raise UnreadableImage(where, f"DICOM image too large: {cols}x{rows}")
-    try:
-        arr = ds.pixel_array
-        try:
-            from pydicom.pixels import apply_modality_lut, apply_voi_lut
-        except ImportError:  # pydicom < 3
-            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-        if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
-            arr = arr[0]  # multi-frame: the first frame
-        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
-    except Exception as err:
-        raise UnreadableImage(where, f"DICOM pixel data cannot be decoded ({err}); it may need a codec plugin") from None
-    if arr.ndim == 3:
-        arr = arr.mean(axis=2)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        arr = arr.max() - arr
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        raise UnreadableImage(where, "DICOM image is blank (constant pixel values)")
-    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
 def decode_upload(name: str, data: bytes) -> np.ndarray:
-    """Uploaded bytes → 2-D uint8 grayscale; UnreadableImage with a reason a user can act on."""
+    """Uploaded bytes → 2-D uint8 grayscale (DICOM too, `common.images`); UnreadableImage with a
+    reason a user can act on."""
     if len(data) > MAX_UPLOAD_MB * 1e6:
         raise UnreadableImage(name, f"file too large ({len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_MB:.0f} MB)")
-    if name.lower().endswith((".dcm", ".dicom")) or data[128:132] == b"DICM":
-        if not _has_pydicom():
-            raise UnreadableImage(name, "DICOM files need pydicom (pip install pydicom); upload a PNG or JPEG")
-        return decode_dicom(data)
-    return read_grayscale(data)
+    return read_grayscale(data, name=name)
 
 
 def probability_chart(table):
@@ -255,7 +145,7 @@ def main() -> None:
     st.title("MedImaging: chest X-ray findings")
     st.warning(DISCLAIMER)
 
-    roots = runs_roots()
+    roots = model_roots(os.environ.get("MEDIMAGING_RUNS"))
     models = find_models(roots)
     with st.sidebar:
         st.header("Model")
@@ -270,10 +160,10 @@ def main() -> None:
             "or point the app to your runs with `MEDIMAGING_RUNS=/path/to/runs streamlit run app/app.py`.")
         return
     with st.sidebar:
-        choice = st.selectbox("Run (newest first)", models, index=0, format_func=describe, key="run")
+        choice = st.selectbox("Run (newest first)", models, index=0, format_func=describe_model, key="run")
         st.caption(str(choice))
     try:
-        export_dir = ensure_export(Path(choice))
+        export_dir = export_folder(Path(choice))
     except (OnnxModelError, FileNotFoundError, ValueError) as err:
         st.error(f"Cannot load this model: {err}")
         return
@@ -300,7 +190,7 @@ def main() -> None:
         if predictor.meta.get("untrained"):
             st.warning("This run holds an untrained (randomly initialised) model: its outputs mean nothing.")
 
-    kinds = ["png", "jpg", "jpeg"] + (["dcm", "dicom"] if _has_pydicom() else [])
+    kinds = ["png", "jpg", "jpeg"] + (["dcm", "dicom"] if dicom_available() else [])
     upload = st.file_uploader(f"Upload a chest X-ray ({', '.join(k.upper() for k in kinds)})", type=kinds, key="upload")
     if upload is None:
         st.info("Upload a frontal chest X-ray to see the 14 findings.")

@@ -1,10 +1,12 @@
 """Grad-CAM: where the model looked, for CNNs and ViTs, with overlays and the pointing game.
 
-    from common.explain import explain, localisation, pointing_game, pointing_game_summary
+    from common.explain import explain, pointing_game, pointing_game_summary
     e = explain("runs/all14", "00000001_000.png", "Cardiomegaly")   # Explanation
     e.save("heat.png")                                               # full-resolution overlay + title
     df = pointing_game("runs/all14", "BBox_List_2017.csv", "nih-sample/images")
-    loc = localisation(out_dir="results")   # what the notebook reports: the stage-2 run, held-out images
+
+The localisation notebook's experiment (which run, which images, its table) is
+`common.experiments.localisation`.
 
 Grad-CAM (Selvaraju et al. 2017): for the chosen output's logit y and a feature map A [C, h, w],
 alpha_c = mean_ij dy/dA_cij and cam = ReLU(sum_c alpha_c A_c), upsampled to the image.
@@ -32,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from common.predict import ImageInput, Predictor, load_predictor, sigmoid
+from common.predict import load_predictor
+from common.serving import ImageInput, Predictor, sigmoid
+from common.synthetic import SYNTHETIC_MARKER
 
 # NIH's BBox_List_2017.csv spells one finding differently from the label file.
 BBOX_FINDINGS = {"Infiltrate": "Infiltration"}
@@ -278,8 +282,8 @@ def _index_images(image_dir: str | os.PathLike) -> dict[str, Path]:
 def box_frame(bbox_csv: str | os.PathLike) -> int | None:
     """The pixel frame a box file's coordinates are in: NIH_SIZE for NIH's file (its images are
     1024 x 1024; smaller copies scale), None (each image's own pixels) for the suite's synthetic
-    data, whose generator (common.synthetic) writes them so beside its SYNTHETIC.json marker."""
-    return None if (Path(bbox_csv).parent / "SYNTHETIC.json").is_file() else NIH_SIZE
+    data, whose generator (common.synthetic) writes them so beside its marker file."""
+    return None if (Path(bbox_csv).parent / SYNTHETIC_MARKER).is_file() else NIH_SIZE
 
 
 def pointing_game(model: str | os.PathLike | Predictor, bbox_csv: str | os.PathLike,
@@ -289,7 +293,7 @@ def pointing_game(model: str | os.PathLike | Predictor, bbox_csv: str | os.PathL
     output): does the Grad-CAM maximum of that finding fall inside one of its boxes? (The pointing
     game of Zhang et al. 2016: one verdict per image and finding, however many boxes it has.)
 
-    images: only these image names (e.g. `held_out_images(run)`); None: every image with a box.
+    images: only these image names (e.g. `common.experiments.localisation.held_out_images(run)`); None: every image with a box.
     frame: the side in pixels of the images the box coordinates refer to; None: each image's own
     pixels; "auto": `box_frame(bbox_csv)`. Coordinates are scaled from it to each image's size.
 
@@ -336,44 +340,6 @@ def bbox_file(folder: str | os.PathLike | None) -> Path | None:
         return None
     found = sorted(Path(folder).glob("BBox_List_2017.csv")) or sorted(Path(folder).glob("*/BBox_List_2017.csv"))
     return found[0] if found else None
-
-
-def held_out_images(run: str | os.PathLike) -> set[str]:
-    """Names of the images in a trained run's test split (patients it never trained on), the split
-    recomputed as `fit` made it; an image that is also in its train or dev rows is left out."""
-    from common import experiments
-    from common.runs import read_config
-
-    if "train" not in read_config(run):
-        raise ValueError(f"{Path(run) / 'config.json'}: not a run trained by `medimaging train` (no training "
-                         "section), so it has no test split; score every boxed image instead (Images = 'all')")
-    split = experiments.split_frame(run)
-    test = split["split"] == "test"
-    return set(split.loc[test, "image_id"]) - set(split.loc[~test, "image_id"])
-
-
-def recorded_run(out_dir: str | os.PathLike, data: Any = None, notebook: str = "multi_task",
-                 role: str = "stage 2") -> Path:
-    """The run a reproduce notebook recorded in OUT/tables/<notebook>.json under `role` (by default
-    the multi-task notebook's stage 2), checked to be on `data` (a common.experiments.DataSpec)."""
-    from common import experiments
-    from common.runs import load_json
-
-    path = Path(out_dir) / "tables" / f"{notebook}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run {notebook} first (medimaging reproduce --only "
-                                f"{notebook} localisation), or give the run to explain (RunDir)")
-    record = load_json(path)
-    ref = experiments.record_runs(record).get(role)
-    if ref is None:
-        raise FileNotFoundError(f"{path}: records no finished {role!r} run (recorded: "
-                                f"{sorted((record.get('runs') or {}))}); run {notebook} again")
-    if data is not None:
-        spec = experiments.DataSpec.from_dict(record.get("data_spec") or {})
-        if (spec.full, spec.cardiomegaly) != (data.full, data.cardiomegaly):
-            raise ValueError(f"{path}: its {role} run was trained on {record.get('data')}, not on this data "
-                             f"({data.describe()}); run {notebook} on the same data first")
-    return ref.run_dir
 
 
 def pointing_game_summary(df) -> Any:
@@ -442,85 +408,3 @@ def plot_pointing_game(df, model: str | os.PathLike | Predictor, image_dir: str 
         ax.set_axis_off()
     fig.tight_layout()
     return fig
-
-
-# ------------------------------------------------------------------------------- the notebook
-@dataclass
-class Localisation:
-    """What notebooks/localisation.ipynb reports: its experiment record and what the figure needs."""
-
-    experiment: Any  # common.experiments.Experiment "localisation": the table, headed by data and profile
-    boxes: Any  # pointing_game's DataFrame, one row per box scored (empty when nothing was)
-    predictor: Predictor
-    image_dir: Path | None
-
-
-def localisation(run: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-                 images: str = "test", profile: str = "quick", smoke: bool = False, data_full=None,
-                 data_cardiomegaly=None, out_dir: str | os.PathLike | None = None,
-                 progress: bool = False) -> Localisation:
-    """The pointing game as `medimaging reproduce` runs it.
-
-    run: the run (or export folder) to explain; None: the multi-task notebook's stage-2 run
-    recorded in OUT/tables/multi_task.json for this data. data_dir: the NIH-layout folder whose
-    BBox_List_2017.csv and images to use; None: the 14-label folder of data_full / data_cardiomegaly
-    as the experiments resolve them (dataset_full/, else the synthetic default, which has boxes).
-    images: "test" scores only the run's held-out test images, "all" every boxed image.
-    No box file, or no box on a scored image, gives a table saying so rather than an error.
-    """
-    import dataclasses
-
-    import pandas as pd
-
-    from common import experiments
-
-    if images not in ("test", "all"):
-        raise ValueError(f"images={images!r}: expected 'test' (the run's held-out test images) or 'all'")
-    prof = experiments.get_profile(profile, smoke)
-    if prof.threads:  # as the profile trains: the smoke reproduces run side by side, one thread each
-        import torch
-
-        torch.set_num_threads(prof.threads)
-    data = experiments.resolve_data(data_dir if data_dir is not None else data_full, data_cardiomegaly)
-    if run is None:
-        if out_dir is None:
-            raise ValueError("no run to explain: give the run (RunDir), or the reproduce output folder (OutDir) "
-                             "where the multi-task notebook recorded its stage-2 run")
-        run = recorded_run(out_dir, data)
-    predictor = load_predictor(run)
-    data = dataclasses.replace(data, synthetic=data.synthetic or bool(predictor.synthetic))
-    exp = experiments.Experiment("localisation", "Localisation: the Grad-CAM pointing game",
-                                 prof.label, data)
-    where = experiments.display_path(data.full) if data.full is not None else None
-    bbox = bbox_file(data.full)
-    scored = held_out_images(run) if images == "test" else None
-    boxes = pointing_game(predictor, bbox, data.full, progress, images=scored) if bbox is not None else None
-    which = "held-out test images" if images == "test" else "every boxed image"
-    title = exp.title_for(f"Pointing game: {predictor.model_name}, {which}")
-    if where is None:
-        why = "not measured: no 14-label dataset (DataFull), so no BBox_List_2017.csv"
-    elif bbox is None:
-        why = f"not measured: no BBox_List_2017.csv in {where}"
-    elif not len(boxes):
-        n = len(read_bboxes(bbox))
-        why = (f"not measured: none of the {n} boxes in {experiments.display_path(bbox)} is on a "
-               f"{'held-out test image of this run' if scored is not None else 'image in the folder'} "
-               "with a finding the run outputs")
-    else:
-        why = ""
-    exp.notes = f"Grad-CAM of the run `{experiments.display_path(run)}` ({predictor.model_name})."
-    if why:
-        exp.tables.append(experiments.Table(title, pd.DataFrame({"Pointing game": [why]})))
-        boxes = pd.DataFrame(columns=POINTING_GAME_COLUMNS)
-    else:
-        summary = pointing_game_summary(boxes)
-        exp.tables.append(experiments.Table(
-            title, pointing_game_display(summary),
-            f"Boxes from {experiments.display_path(bbox)}. Hit: the Grad-CAM maximum of the finding lies inside one "
-            "of its boxes on that image (one verdict per image and finding). Chance: the share of the image inside "
-            "those boxes, the hit rate of a point dropped at random. Empty maps: Grad-CAMs with no positive evidence "
-            "for the finding (never a hit)."))
-        total = summary.iloc[-1]
-        exp.headline = {"images": int(total["images"]), "boxes": int(total["boxes"]), "hits": int(total["hits"]),
-                        "hit_rate": float(total["hit_rate"]), "chance": float(total["chance"])}
-    return Localisation(exp, boxes, predictor, data.full)

@@ -18,9 +18,11 @@ The folder holds everything serving needs, so `common.onnx_predict` never opens 
     .ort-optimized/   ONNX Runtime's fully optimised graphs for this machine (a cache; see
                       common.onnx_predict.open_session), rebuilt on another machine
 
-The fp32 graph is checked against torch at export time (logits within 1e-4, else ExportError).
-`export_model` does the same for a model in memory (the compression engineer's pruned or distilled
-models); `quantize_int8` quantises any exported model.
+The file names are `common.serving`'s (the folder's layout, with its one freshness rule). The fp32
+graph is checked against torch at export time (logits within 1e-4, else ExportError).
+`export_model` does the same for a model in memory (pruned or distilled models); `quantize_int8`
+quantises any exported model; `ensure_export` exports a run only when its export is missing or
+stale (what compression and the app's first use call).
 """
 from __future__ import annotations
 
@@ -37,8 +39,23 @@ from pathlib import Path
 import numpy as np
 
 from common import runs
-from common.onnx_predict import EXPORT_DIR, FP32, HEAD_NPZ, INT8, OPT_CACHE, open_session, session_options
-from common.predict import ONNX_META, expand_inputs, load_image, prepare, sigmoid
+from common.images import UnreadableImage
+from common.io import atomic_write_bytes, save_json
+from common.onnx_predict import _NumpyHead, open_session, session_options
+from common.serving import (
+    EXPORT_DIR,
+    FP32,
+    HEAD_NPZ,
+    INT8,
+    ONNX_META,
+    OPT_CACHE,
+    expand_inputs,
+    load_image,
+    prepare,
+    sigmoid,
+    stale_reason,
+)
+from common.splits import split_paths
 
 FORMAT = "medimaging-onnx"
 FORMAT_VERSION = 1
@@ -91,8 +108,6 @@ def cam_support(model, input_cfg: dict) -> tuple[dict, dict[str, np.ndarray]]:
     their spatial mean (timm's avg pool, no norm after it), and the head is Linear/activation layers.
     """
     import torch
-
-    from common.onnx_predict import _NumpyHead
 
     size, chans = int(input_cfg["image_size"]), int(input_cfg.get("in_chans", 3))
     x = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
@@ -201,6 +216,73 @@ def _onnx_opset(path: Path) -> int:
     return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0))
 
 
+def _export_checked(model, out: Path, input_cfg: dict, with_features: bool, opset: int | None,
+                    log: Callable[[str], None]) -> tuple[str, float, int]:
+    """Write out/model.onnx only if its logits match torch's within PARITY_ATOL: (exporter, max diff, images)."""
+    import onnxruntime as ort
+    import torch
+
+    outputs = ["logits", "features"] if with_features else ["logits"]
+    example = torch.from_numpy(_check_images(input_cfg, n=2, seed=1))
+    fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=out)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        exporter = _torch_export(_graph_module(model, with_features), example, tmp, outputs, opset, log)
+        # parity on a batch size other than the example's: also proves the batch axis is dynamic
+        x = _check_images(input_cfg, n=3)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        sess = ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
+        got = sess.run(["logits"], {"image": x})[0]
+        diff = float(np.abs(got - ref).max())
+        if not np.isfinite(diff) or diff > PARITY_ATOL:
+            name = getattr(model, "build_kwargs", {}).get("model_name", "this model")
+            raise ExportError(
+                f"{out / FP32}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_ATOL}); the export is "
+                f"not faithful for {name} with the {exporter} "
+                "exporter. Try another --opset, or report the model name.")
+        os.replace(tmp, out / FP32)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return exporter, diff, int(len(x))
+
+
+def _write_head(out: Path, head_arrays: dict[str, np.ndarray] | None) -> None:
+    """head.npz for the numpy Grad-CAM; removed when this model has none (an older export's is wrong now)."""
+    if head_arrays is None:
+        (out / HEAD_NPZ).unlink(missing_ok=True)
+        return
+    buf = io.BytesIO()
+    np.savez(buf, **head_arrays)
+    atomic_write_bytes(out / HEAD_NPZ, buf.getvalue())
+
+
+def _export_meta(labels: list[str], thresholds: dict[str, float] | None, input_cfg: dict, cam: dict,
+                 exporter: str, opset: int, diff: float, n_checked: int, meta: dict | None) -> dict:
+    """model.json's content (before the int8 report): everything serving needs besides the graph."""
+    import onnxruntime as ort
+    import torch
+
+    with_features = cam["method"] == "numpy"
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "labels": labels,
+        "thresholds": {k: float((thresholds or {}).get(k, 0.5)) for k in labels},
+        "input": {"image_size": int(input_cfg["image_size"]), "mean": list(input_cfg["mean"]),
+                  "std": list(input_cfg["std"]), "in_chans": int(input_cfg.get("in_chans", 3))},
+        "input_name": "image",
+        "outputs": {"logits": "logits", **({"features": "features"} if with_features else {})},
+        "cam": cam,
+        "exporter": exporter, "opset": opset,
+        "parity": {"max_abs_logit_diff": diff, "atol": PARITY_ATOL, "n_images": n_checked},
+        "int8": None,
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(meta or {}),
+    }
+
+
 def export_model(
     model,
     out_dir: str | os.PathLike,
@@ -219,67 +301,18 @@ def export_model(
     meta: extra entries for model.json (run_dir, model kwargs, synthetic). Raises ExportError when
     the ONNX logits differ from torch by more than 1e-4.
     """
-    import onnxruntime as ort
-    import torch
-
     log = log or _stderr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
-    labels = list(labels)
     cam, head_arrays = cam_support(model, input_cfg)
     with_features = cam["method"] == "numpy"
-    outputs = ["logits", "features"] if with_features else ["logits"]
-    size, chans = int(input_cfg["image_size"]), int(input_cfg.get("in_chans", 3))
-    example = torch.from_numpy(_check_images(input_cfg, n=2, seed=1))
-    module = _graph_module(model, with_features)
-
-    fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx", dir=out)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        exporter = _torch_export(module, example, tmp, outputs, opset, log)
-        # parity on a batch size other than the example's: also proves the batch axis is dynamic
-        x = _check_images(input_cfg, n=3)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
-        sess = ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
-        got = sess.run(["logits"], {"image": x})[0]
-        diff = float(np.abs(got - ref).max())
-        if not np.isfinite(diff) or diff > PARITY_ATOL:
-            name = getattr(model, "build_kwargs", {}).get("model_name", "this model")
-            raise ExportError(
-                f"{out / FP32}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_ATOL}); the export is "
-                f"not faithful for {name} with the {exporter} "
-                "exporter. Try another --opset, or report the model name.")
-        os.replace(tmp, out / FP32)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if with_features:
-        buf = io.BytesIO()
-        np.savez(buf, **head_arrays)
-        runs.atomic_write_bytes(out / HEAD_NPZ, buf.getvalue())
-    else:
-        (out / HEAD_NPZ).unlink(missing_ok=True)
+    exporter, diff, n_checked = _export_checked(model, out, input_cfg, with_features, opset, log)
+    _write_head(out, head_arrays if with_features else None)
     opset = _onnx_opset(out / FP32)
     log(f"export: {out / FP32} ({exporter} exporter, opset {opset}); "
         f"max |logit difference| vs torch {diff:.2g} (bound {PARITY_ATOL})")
-
-    info = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "labels": labels,
-        "thresholds": {k: float((thresholds or {}).get(k, 0.5)) for k in labels},
-        "input": {"image_size": size, "mean": list(input_cfg["mean"]), "std": list(input_cfg["std"]), "in_chans": chans},
-        "input_name": "image",
-        "outputs": {"logits": "logits", **({"features": "features"} if with_features else {})},
-        "cam": cam,
-        "exporter": exporter, "opset": opset,
-        "parity": {"max_abs_logit_diff": diff, "atol": PARITY_ATOL, "n_images": int(len(x))},
-        "int8": None,
-        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **(meta or {}),
-    }
+    info = _export_meta(list(labels), thresholds, input_cfg, cam, exporter, opset, diff, n_checked, meta)
     if int8:
         if not calibration_images:
             raise ExportError(f"{out}: --int8 needs calibration images (dev-split images of the run's data, "
@@ -288,7 +321,7 @@ def export_model(
                                      n_calibration=n_calibration, log=log)
     else:
         (out / INT8).unlink(missing_ok=True)
-    runs.save_json(out / ONNX_META, info)
+    save_json(out / ONNX_META, info)
     # optimised graphs cached for the old files are stale now; make this machine's once, here
     shutil.rmtree(out / OPT_CACHE, ignore_errors=True)
     for name in (FP32, INT8) if int8 else (FP32,):
@@ -301,8 +334,6 @@ def export_model(
 
 def _calibration_batches(paths: Sequence[str | os.PathLike], input_cfg: dict, n: int,
                          log: Callable[[str], None]) -> list[np.ndarray]:
-    from common.images import UnreadableImage
-
     batches, skipped = [], 0
     for p in paths:
         if len(batches) >= n:
@@ -317,7 +348,7 @@ def _calibration_batches(paths: Sequence[str | os.PathLike], input_cfg: dict, n:
 
 
 # The int8 recipe, recorded in model.json's int8 report (the app shows it). Bump `version` with any
-# change: compress.ensure_export re-quantises exports whose recorded recipe differs. Measured on the
+# change: `ensure_export` re-quantises exports whose recorded recipe differs. Measured on the
 # synthetic default (quick): Percentile / moving-average ranges, more images, fp32 depthwise / stem /
 # head nodes or Conv-only quantisation did not make int8 EfficientNet-B0 / MobileNetV3 follow their
 # fp32 ranking any better (the AUROC changes they gave were noise); 16-bit activations did, but ran
@@ -369,6 +400,105 @@ def _excluded_nodes(model_path: Path, parts: Sequence[str]) -> list[str]:
     return names
 
 
+def _int8_recipe(recipe: dict | None) -> dict:
+    """INT8_RECIPE updated by `recipe`; ValueError for an unknown key or setting."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    unknown = set(recipe or {}) - set(INT8_RECIPE)
+    if unknown:
+        raise ValueError(f"quantize_int8: unknown recipe keys {sorted(unknown)}; known: {sorted(INT8_RECIPE)}")
+    recipe = {**INT8_RECIPE, **(recipe or {})}
+    bad = [f"{k}={recipe[k]!r}" for k, ok in (
+        ("activations", hasattr(QuantType, str(recipe["activations"]))),
+        ("calibration", hasattr(CalibrationMethod, str(recipe["calibration"]))),
+        ("exclude", set(recipe["exclude"]) <= {"stem", "head", "depthwise"})) if not ok]
+    if bad:
+        raise ValueError(f"quantize_int8: unknown recipe settings {', '.join(bad)}")
+    return recipe
+
+
+def _calibration_reader(batches: list[np.ndarray]):
+    """ONNX Runtime's calibration data reader over the batches, read in chunks (see CALIBRATION_CHUNK)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def __len__(self):
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(batches[start_index:end_index])
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x}
+
+    return Reader()
+
+
+def _pre_processed(fp32_path: Path, work: Path, log: Callable[[str], None]) -> Path:
+    """Shape inference + basic fusions first, as ONNX Runtime recommends; the raw model if that fails."""
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = work / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        return pre
+    except Exception as err:  # symbolic shape inference fails on some graphs; quantise the raw one
+        log(f"int8: pre-processing skipped ({type(err).__name__}: {str(err)[:120]})")
+        return fp32_path
+
+
+def _quantize(source: Path, target: Path, batches: list[np.ndarray], recipe: dict, out_path: Path,
+              log: Callable[[str], None]) -> tuple[str, str | None, list[str]]:
+    """Static QDQ quantisation of source into target; dynamic when static fails: (method, static error, excluded)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    # onnxruntime collects every activation of a pass in memory; chunks must divide the count
+    chunk = max(d for d in range(1, min(CALIBRATION_CHUNK, len(batches)) + 1) if len(batches) % d == 0)
+    excluded: list[str] = []
+    try:
+        excluded = _excluded_nodes(source, recipe["exclude"])
+        extra = {"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": chunk}
+        if recipe["calibration"] == "Percentile" and recipe["percentile"]:
+            extra["CalibPercentile"] = float(recipe["percentile"])
+        if recipe["calibration"] == "MinMax" and recipe["moving_average"]:
+            extra["CalibMovingAverage"] = True
+        quantize_static(str(source), str(target), _calibration_reader(batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=getattr(QuantType, recipe["activations"]),
+                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, recipe["calibration"]),
+                        op_types_to_quantize=recipe["op_types"], nodes_to_exclude=excluded, extra_options=extra)
+        ort.InferenceSession(str(target), session_options(), providers=["CPUExecutionProvider"])
+        return "static-qdq", None, excluded
+    except Exception as err:
+        error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        log(f"int8: static quantisation failed ({error}); falling back to dynamic quantisation")
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    except Exception as err2:
+        raise ExportError(f"{out_path}: int8 quantisation failed (static: {error}; dynamic: "
+                          f"{type(err2).__name__}: {err2})") from err2
+    return "dynamic", error, []
+
+
+def _int8_report(fp32_path: Path, out_path: Path, batches: list[np.ndarray], method: str, error: str | None,
+                 recipe: dict, excluded: list[str]) -> dict:
+    """How the int8 model was made and how close its probabilities are to fp32's on the calibration images."""
+    import onnxruntime as ort
+
+    s32 = ort.InferenceSession(str(fp32_path), session_options(), providers=["CPUExecutionProvider"])
+    s8 = ort.InferenceSession(str(out_path), session_options(), providers=["CPUExecutionProvider"])
+    x = np.concatenate(batches[:16])
+    diff = np.abs(sigmoid(s8.run(["logits"], {"image": x})[0]) - sigmoid(s32.run(["logits"], {"image": x})[0]))
+    return {"file": out_path.name, "method": method, "recipe": recipe, "excluded_nodes": excluded,
+            "n_calibration": len(batches), "max_abs_prob_diff_vs_fp32": float(diff.max()),
+            "mean_abs_prob_diff_vs_fp32": float(diff.mean()), "n_compared": int(len(x)), "static_error": error,
+            "size_mb": round(out_path.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32_path.stat().st_size / 1e6, 2)}
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -384,95 +514,24 @@ def quantize_int8(
     the recipe's). Falls back to dynamic quantisation (weights only) when static quantisation fails
     for an architecture. Returns a JSON-able report: method, recipe, images used, agreement with fp32.
     """
-    import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
-
     log = log or _stderr
-    unknown = set(recipe or {}) - set(INT8_RECIPE)
-    if unknown:
-        raise ValueError(f"quantize_int8: unknown recipe keys {sorted(unknown)}; known: {sorted(INT8_RECIPE)}")
-    recipe = {**INT8_RECIPE, **(recipe or {})}
-    bad = [f"{k}={recipe[k]!r}" for k, ok in (
-        ("activations", hasattr(QuantType, str(recipe["activations"]))),
-        ("calibration", hasattr(CalibrationMethod, str(recipe["calibration"]))),
-        ("exclude", set(recipe["exclude"]) <= {"stem", "head", "depthwise"})) if not ok]
-    if bad:
-        raise ValueError(f"quantize_int8: unknown recipe settings {', '.join(bad)}")
+    recipe = _int8_recipe(recipe)
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     n_calibration = int(n_calibration or recipe["calibration_images"])
     batches = _calibration_batches(calibration_images, input_cfg, n_calibration, log)
     if not batches:
         raise ExportError(f"{out_path}: no readable calibration image among {len(calibration_images)} given")
-
-    class Reader(CalibrationDataReader):  # read in chunks (set_range): see CALIBRATION_CHUNK
-        def __init__(self):
-            self.it = iter(batches)
-
-        def __len__(self):
-            return len(batches)
-
-        def set_range(self, start_index: int, end_index: int):
-            self.it = iter(batches[start_index:end_index])
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"image": x}
-
-    # onnxruntime collects every activation of a pass in memory; chunks must divide the count
-    chunk = max(d for d in range(1, min(CALIBRATION_CHUNK, len(batches)) + 1) if len(batches) % d == 0)
-
     fd, tmp_name = tempfile.mkstemp(prefix=".model.int8.", suffix=".onnx", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    method, error = "static-qdq", None
-    excluded: list[str] = []
-    with tempfile.TemporaryDirectory() as work:
-        source = fp32_path
-        try:  # shape inference + basic fusions first, as ONNX Runtime recommends
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = Path(work) / "pre.onnx"
-            quant_pre_process(str(fp32_path), str(pre))
-            source = pre
-        except Exception as err:  # symbolic shape inference fails on some graphs; quantise the raw one
-            log(f"int8: pre-processing skipped ({type(err).__name__}: {str(err)[:120]})")
-        try:
-            excluded = _excluded_nodes(source, recipe["exclude"])
-            extra = {"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": chunk}
-            if recipe["calibration"] == "Percentile" and recipe["percentile"]:
-                extra["CalibPercentile"] = float(recipe["percentile"])
-            if recipe["calibration"] == "MinMax" and recipe["moving_average"]:
-                extra["CalibMovingAverage"] = True
-            quantize_static(str(source), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=getattr(QuantType, recipe["activations"]), weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, recipe["calibration"]),
-                            op_types_to_quantize=recipe["op_types"], nodes_to_exclude=excluded,
-                            extra_options=extra)
-            ort.InferenceSession(str(tmp), session_options(), providers=["CPUExecutionProvider"])
-        except Exception as err:
-            error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-            log(f"int8: static quantisation failed ({error}); falling back to dynamic quantisation")
-            method = "dynamic"
-            try:
-                quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-            except Exception as err2:
-                tmp.unlink(missing_ok=True)
-                raise ExportError(f"{out_path}: int8 quantisation failed (static: {error}; dynamic: "
-                                  f"{type(err2).__name__}: {err2})") from err2
-    os.replace(tmp, out_path)
-    # agreement with fp32 on the calibration images (probabilities)
-    s32 = ort.InferenceSession(str(fp32_path), session_options(), providers=["CPUExecutionProvider"])
-    s8 = ort.InferenceSession(str(out_path), session_options(), providers=["CPUExecutionProvider"])
-    x = np.concatenate(batches[:16])
-    p32 = sigmoid(s32.run(["logits"], {"image": x})[0])
-    p8 = sigmoid(s8.run(["logits"], {"image": x})[0])
-    diff = np.abs(p8 - p32)
-    report = {"file": out_path.name, "method": method, "recipe": recipe,
-              "excluded_nodes": excluded if method == "static-qdq" else [], "n_calibration": len(batches),
-              "max_abs_prob_diff_vs_fp32": float(diff.max()), "mean_abs_prob_diff_vs_fp32": float(diff.mean()),
-              "n_compared": int(len(x)), "static_error": error,
-              "size_mb": round(out_path.stat().st_size / 1e6, 2), "fp32_size_mb": round(fp32_path.stat().st_size / 1e6, 2)}
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            source = _pre_processed(fp32_path, Path(work), log)
+            method, error, excluded = _quantize(source, tmp, batches, recipe, out_path, log)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = _int8_report(fp32_path, out_path, batches, method, error, recipe, excluded)
     log(f"int8: {out_path} ({method}, {len(batches)} calibration images): probabilities within "
         f"{report['max_abs_prob_diff_vs_fp32']:.3f} of fp32 (mean {report['mean_abs_prob_diff_vs_fp32']:.4f}); "
         f"{report['size_mb']} MB vs {report['fp32_size_mb']} MB")
@@ -480,25 +539,16 @@ def quantize_int8(
 
 
 def calibration_paths(run_dir: str | os.PathLike, n: int | None = None, seed: int = 0) -> list[str]:
-    """Up to n image paths (default: the int8 recipe's calibration_images) from the dev split of the
-    run's data (the split `fit` used), shuffled.
+    """Up to n image paths (default: the int8 recipe's calibration_images) from the run's dev split
+    (`common.splits.split_paths`: the split `fit` stored, or recomputed for an older run), shuffled.
 
-    Uses common.data (load_dataset, combine, task_split) with the run's task, seed and fractions. Raises ExportError when the run's data folders are gone.
+    Raises ExportError when the split cannot be read (the run's data folders are gone) or is empty.
     """
-    cfg = runs.read_config(run_dir)
-    train = cfg.get("train") or {}
-    roots = [d["root"] for d in cfg.get("data") or [] if isinstance(d, dict) and d.get("root")] or list(train.get("data") or [])
-    missing = [r for r in roots if not Path(r).is_dir()]
-    if not roots or missing:
-        raise ExportError(f"{run_dir}: cannot find the run's data for int8 calibration "
-                          f"({'missing: ' + ', '.join(missing) if missing else 'no data folders recorded'}); "
-                          "pass images with --calibration DIR")
-    from common.data import combine, load_dataset, task_split
-
-    fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
-    frame, _ = task_split(combine([load_dataset(r, quiet=True) for r in roots]).frame, train.get("task", "all14"),
-                          seed=int(train.get("seed", 49)), fractions=fractions)
-    dev = frame.loc[frame["split"] == "dev", "path"].astype(str).tolist()
+    try:
+        dev = [str(p) for p in split_paths(run_dir, "dev")]
+    except (FileNotFoundError, ValueError) as err:
+        raise ExportError(f"{run_dir}: cannot find the run's data for int8 calibration ({err}); "
+                          "pass images with --calibration DIR") from None
     if not dev:
         raise ExportError(f"{run_dir}: the run's dev split is empty; pass images with --calibration DIR")
     rng = np.random.default_rng(seed)
@@ -540,3 +590,17 @@ def export_onnx(
             "task": (run.config.get("train") or {}).get("task")}
     return export_model(run.model, out, run.config["input"], run.labels, run.thresholds, meta=meta, int8=int8,
                         calibration_images=calib, opset=opset, n_calibration=n_calibration, log=log)
+
+
+def ensure_export(run_dir: str | os.PathLike, int8: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """RUN/export, exported (with model.int8.onnx when int8) only when `common.serving.stale_reason`
+    says so: a file missing, older than the run's weights, or int8 quantised with another recipe
+    than INT8_RECIPE. Otherwise the folder is reused as it is."""
+    log = log or _stderr
+    run_dir = Path(run_dir)
+    out = run_dir / EXPORT_DIR
+    reason = stale_reason(out, run_dir=run_dir, int8=int8, recipe=INT8_RECIPE if int8 else None)
+    if reason is not None:
+        log(f"export: {out}: {reason}; exporting")
+        export_onnx(run_dir, out, int8=int8, log=log)
+    return out

@@ -1,26 +1,39 @@
 """Read any chest X-ray file into one 2-D uint8 grayscale array, or say exactly why not.
 
-Numpy and Pillow only (no torch): the cache's worker processes, the app and the ONNX path use it.
+Numpy and Pillow only (no torch; pydicom only for DICOM): the cache's worker processes, the app
+and the ONNX path use it.
 
 Handled: 8-bit and 16-bit grayscale, 1-bit, RGB, RGBA / LA (composited over black, the X-ray
 background), palette (with or without transparency), JPEG (EXIF orientation applied), 32-bit
-integer / float images. Anything that cannot be decoded raises `UnreadableImage(path, reason)`;
-callers skip the file and report it, they never stop on it.
+integer / float images, and DICOM when pydicom is installed (`read_dicom`: its LUTs applied,
+MONOCHROME1 inverted; without pydicom a DICOM file is unreadable, with the reason). Anything that
+cannot be decoded raises `UnreadableImage(path, reason)`; callers skip the file and report it,
+they never stop on it.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import warnings
+from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.preprocess import resize_gray
+
 # Refuse images above this many pixels before decoding them: NIH images are 1024x1024 (1 MP) and
 # the largest chest radiographs are ~4300x4300 (18 MP); a PNG header can claim 100,000x100,000 in a
 # few hundred bytes and decoding it would exhaust memory (a "decompression bomb").
 MAX_PIXELS = 50_000_000
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
+# Named so a .dcm file is read as DICOM; not in IMAGE_EXTENSIONS, so folders (datasets, `predict DIR`)
+# keep collecting what they did: a named DICOM file is read, a folder of them is not searched yet.
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+DICOM_PREAMBLE = 128  # a DICOM file: 128 bytes of preamble, then "DICM"
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -43,9 +56,8 @@ def _describe(source) -> str:
     return getattr(source, "name", None) or "<in-memory image>"
 
 
-def _open(source: ImageSource, max_pixels: int) -> Image.Image:
-    """Open lazily (header only) and check the declared size before any pixel is decoded."""
-    where = _describe(source)
+def _read_bytes(source: ImageSource, where: str) -> bytes:
+    """The encoded file: read from a path (with the reason when it cannot be), bytes, or a file object."""
     if isinstance(source, (str, os.PathLike)):
         try:
             st = os.stat(source)
@@ -62,26 +74,34 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
                 data = f.read()
         except OSError as err:
             raise UnreadableImage(where, f"cannot read file: {err.strerror or err}") from None
-        fp: BinaryIO = io.BytesIO(data)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise UnreadableImage(where, "empty file (0 bytes)")
-        fp = io.BytesIO(bytes(source))
+        data = bytes(source)
     else:
-        fp = source
+        data = source.read()
+    if len(data) == 0:
+        raise UnreadableImage(where, "empty file (0 bytes)")
+    return data
+
+
+def _open(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and check the declared size before any pixel is decoded."""
     try:
         # Pillow warns (and above 2x its limit raises) on huge headers; our own, lower limit below
         # turns both into a refusal, so the warning is recorded here rather than shown.
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+            im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         raise UnreadableImage(where, f"image too large, refused as a decompression bomb ({err})") from None
     except UnidentifiedImageError:
         raise UnreadableImage(where, "not an image (format not recognised)") from None
     except Exception as err:  # a malformed header raises many types (SyntaxError, ValueError, ...)
         raise UnreadableImage(where, f"corrupt image header: {err}") from None
-    w, h = im.size
+    _check_size(im.size[0], im.size[1], where, max_pixels)
+    return im
+
+
+def _check_size(w: int, h: int, where: str, max_pixels: int) -> None:
     if w <= 0 or h <= 0:
         raise UnreadableImage(where, f"invalid image dimensions {w}x{h}")
     if w * h > max_pixels:
@@ -90,7 +110,56 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
             f"image too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP limit "
             "(refused as a possible decompression bomb)",
         )
-    return im
+
+
+# ------------------------------------------------------------------------------------- DICOM
+
+
+def dicom_available() -> bool:
+    """True when pydicom is installed, so DICOM files can be read (`pip install pydicom`)."""
+    return importlib.util.find_spec("pydicom") is not None
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """A DICOM file: the "DICM" marker after its 128-byte preamble, or a .dcm / .dicom name."""
+    return data[DICOM_PREAMBLE:DICOM_PREAMBLE + 4] == b"DICM" or Path(name).suffix.lower() in DICOM_EXTENSIONS
+
+
+def read_dicom(data: bytes, where: str = "<in-memory image>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A DICOM file → 2-D uint8: modality and VOI LUTs applied, MONOCHROME1 inverted (so bone is
+    white, as in the PNGs), 8- to 16-bit values scaled by their own range; the first frame of a
+    multi-frame file. Raises `UnreadableImage`, also when pydicom is not installed."""
+    if not dicom_available():
+        raise UnreadableImage(where, "DICOM files need pydicom (pip install pydicom); or convert it to PNG")
+    import pydicom  # optional, and only DICOM needs it
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as err:
+        raise UnreadableImage(where, f"not a readable DICOM file ({err})") from None
+    _check_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), where, max_pixels)
+    try:
+        arr = ds.pixel_array
+        if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+            arr = arr[0]  # multi-frame: the first frame
+        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    except Exception as err:
+        raise UnreadableImage(where, f"DICOM pixel data cannot be decoded ({err}); it may need a codec plugin") from None
+    if arr.ndim == 3:
+        arr = arr.mean(axis=2)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = arr.max() - arr
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise UnreadableImage(where, "DICOM image is blank (constant pixel values)")
+    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------- other images
 
 
 def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
@@ -126,14 +195,19 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def read_grayscale(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_grayscale(source: ImageSource, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Decode an image file (path, bytes or binary file object) to a 2-D uint8 grayscale array.
 
-    Raises `UnreadableImage` (with `.path` and `.reason`) for a missing, empty, corrupt, truncated
-    or non-image file, and for one whose header declares more than `max_pixels` pixels.
+    DICOM files (by their marker or a .dcm / .dicom name) go through `read_dicom` (needs pydicom).
+    name: what errors call the source (default: its path, or the file object's name). Raises
+    `UnreadableImage` (with `.path` and `.reason`) for a missing, empty, corrupt, truncated or
+    non-image file, and for one whose header declares more than `max_pixels` pixels.
     """
-    where = _describe(source)
-    im = _open(source, max_pixels)
+    where = name or _describe(source)
+    data = _read_bytes(source, where)
+    if is_dicom(data, where):
+        return read_dicom(data, where, max_pixels)
+    im = _open(data, where, max_pixels)
     try:
         with im:
             im.load()  # decode now, so truncation surfaces here with a clear reason
@@ -155,8 +229,6 @@ def read_grayscale(source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndar
 
 def read_resized(path: str, size: int) -> tuple[bytes | None, str | None]:
     """Decode + resize for the image cache's worker processes: (pixels, None) or (None, reason)."""
-    from common.preprocess import resize_gray
-
     try:
         return resize_gray(read_grayscale(path), size).tobytes(), None
     except UnreadableImage as err:
@@ -164,5 +236,3 @@ def read_resized(path: str, size: int) -> tuple[bytes | None, str | None]:
     except Exception as err:  # never let one file kill a worker pool; report it instead
         return None, f"unexpected error while decoding: {type(err).__name__}: {err}"
 
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})

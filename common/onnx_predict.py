@@ -5,8 +5,8 @@
     predictor.predict("image.png").positive
     cam, prob = predictor.gradcam(gray_image, "Cardiomegaly")   # CNNs: Grad-CAM without torch
 
-Only numpy, Pillow and onnxruntime (plus `common.images` / `common.preprocess` / `common.predict`,
-which are torch-free). Nothing on this path may import torch, pandas or matplotlib: `medimaging
+Only numpy, Pillow and onnxruntime (plus `common.serving`, the torch-free predictor base and
+the export folder's layout). Nothing on this path may import torch, pandas or matplotlib: `medimaging
 predict --onnx` must start in well under a second and stay small in memory (the tests check
 `'torch' not in sys.modules` in a fresh process).
 
@@ -24,31 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from common.predict import ONNX_META, Predictor
+from common.serving import (
+    EXPORT_DIR,
+    FP32,
+    HEAD_NPZ,
+    INT8,
+    ONNX_META,
+    OPT_CACHE,
+    OnnxModelError,
+    Predictor,
+    resolve_export_dir,
+    sigmoid,
+    stale_reason,
+)
 
-FP32 = "model.onnx"
-INT8 = "model.int8.onnx"
-HEAD_NPZ = "head.npz"
-EXPORT_DIR = "export"  # a run's default export folder (RUN/export)
-
-
-class OnnxModelError(FileNotFoundError):
-    """The export folder is missing or incomplete; the message says which command makes it."""
-
-
-def resolve_export_dir(path: str | os.PathLike) -> Path:
-    """An export folder, or a run directory whose `export/` holds one."""
-    path = Path(path)
-    if (path / ONNX_META).is_file():
-        return path
-    if (path / EXPORT_DIR / ONNX_META).is_file():
-        return path / EXPORT_DIR
-    if (path / "config.json").is_file():
-        raise OnnxModelError(
-            f"{path}: this run has no ONNX export yet; make one with `medimaging export --run {path}` "
-            f"(writes {path / EXPORT_DIR}/model.onnx), or predict with torch (without --onnx)")
-    raise OnnxModelError(f"{path}: neither an ONNX export folder ({ONNX_META} + {FP32}) nor a run directory; "
-                         "make one with `medimaging train ...` then `medimaging export --run RUN`")
+__all__ = [
+    "OnnxPredictor", "open_session", "session_options", "cam_from_features",
+    # the export folder's layout, named in common.serving; importable from here as before
+    "EXPORT_DIR", "FP32", "HEAD_NPZ", "INT8", "ONNX_META", "OPT_CACHE", "OnnxModelError", "resolve_export_dir",
+]
 
 
 def session_options(threads: int | None = None):
@@ -68,20 +62,6 @@ def session_options(threads: int | None = None):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are noise for users
     return so
-
-
-def is_stale(export_dir: str | os.PathLike) -> bool:
-    """True when the run this export was made from has newer weights (retrained since the export)."""
-    export_dir = Path(export_dir)
-    try:
-        run_dir = json.loads((export_dir / ONNX_META).read_text()).get("run_dir")
-        weights = Path(run_dir) / "best.safetensors" if run_dir else None
-        return bool(weights and weights.is_file() and weights.stat().st_mtime > (export_dir / FP32).stat().st_mtime)
-    except (OSError, ValueError):
-        return False
-
-
-OPT_CACHE = ".ort-optimized"  # machine-specific optimised models, beside the export
 
 
 def _machine_key(model_file: Path) -> str:
@@ -175,7 +155,7 @@ class OnnxPredictor(Predictor):
                                  + (f" (run: {meta.get('run_dir')})" if meta.get("run_dir") else ""))
         self.model_file = model_file
         self.session, self.optimized_file = open_session(model_file, threads, cache=cache)
-        self.stale = is_stale(self.source)
+        self.stale = stale_reason(self.source, int8=self.int8) is not None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._head: _NumpyHead | None = None
@@ -207,8 +187,6 @@ class OnnxPredictor(Predictor):
         `image`: a path, bytes or array (decoded like `predict`). Exact for global-average-pooled
         CNN heads; raises ValueError when `cam_method != "numpy"` (use common.explain then).
         """
-        from common.predict import sigmoid
-
         if self.cam_method != "numpy":
             raise ValueError(f"{self.source}: this model ({self.model_name}) has no torch-free Grad-CAM "
                              f"({self.cam_note or 'not exported'}); use common.explain (torch)")

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from common.labels import LABELS
+from common.paths import REPO_ROOT
 from common.predict import create_untrained_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 APP = REPO / "app" / "app.py"
 THRESHOLDS = {name: 0.35 + 0.02 * i for i, name in enumerate(LABELS)}
 # int8 vs fp32 probabilities on the test image: max |difference| measured 2e-4 for the fixture's
@@ -124,7 +125,7 @@ def test_dicom_upload_is_decoded_with_its_lut_and_photometry(nih_sample):
 
 
 def test_upload_decoding_refuses_what_it_cannot_read(monkeypatch, nih_sample):
-    from common.images import UnreadableImage
+    from common.images import UnreadableImage, dicom_available
 
     app = _app_module()
     data = _image(nih_sample).read_bytes()
@@ -134,42 +135,56 @@ def test_upload_decoding_refuses_what_it_cannot_read(monkeypatch, nih_sample):
     monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.01)
     with pytest.raises(UnreadableImage, match="file too large"):
         app.decode_upload("x.png", data)
-    if not app._has_pydicom():
+    if not dicom_available():
         with pytest.raises(UnreadableImage, match="pip install pydicom"):
             app.decode_upload("x.dcm", b"\0" * 128 + b"DICM" + b"\0" * 64)
 
 
 def test_an_export_older_than_the_runs_weights_is_redone(runs_root, tmp_path):
-    from common.onnx_predict import OnnxModelError
+    """The app asks common.serving.needs_export (the one freshness rule) before exporting on first use."""
+    from common.serving import OnnxModelError, needs_export
 
-    app = _app_module()
     run = runs_root / "cnn"
-    assert not app.needs_export(run) and not app.needs_export(run / "export")
+    assert not needs_export(run) and not needs_export(run / "export")
     weights = run / "best.safetensors"
     before = weights.stat()
     exported = (run / "export" / "model.onnx").stat().st_mtime
     os.utime(weights, (exported + 5, exported + 5))  # retrained in place after the export
     try:
-        assert app.needs_export(run)
+        assert needs_export(run)
+        assert not needs_export(run / "export")  # an export folder alone: nothing to export from
     finally:
         os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert not app.needs_export(run)
-    assert app.needs_export(create_untrained_run(tmp_path / "new", "test_efficientnet", image_size=32))
+    assert not needs_export(run)
+    assert needs_export(create_untrained_run(tmp_path / "new", "test_efficientnet", image_size=32))
     with pytest.raises(OnnxModelError, match="neither an ONNX export folder"):
-        app.needs_export(tmp_path)
+        needs_export(tmp_path)
 
 
 def test_a_runs_label_does_not_change_when_its_export_is_written_later(tmp_path):
     """The selectbox value must survive the first-use export (it once used the folder's mtime,
     which the new export/ folder bumps: a page rerun across a minute boundary then failed)."""
-    app = _app_module()
+    from common.catalog import describe_model, find_models
+
     run = create_untrained_run(tmp_path / "runs" / "cnn", "test_efficientnet", image_size=32)
-    before = app.describe(run)
+    before = describe_model(run)
     (run / "export").mkdir()
     later = time.time() + 3600
     os.utime(run, (later, later))
-    assert app.describe(run) == before
-    assert app.find_models([tmp_path / "runs"]) == [run.resolve()]
+    assert describe_model(run) == before
+    assert find_models([tmp_path / "runs"]) == [run.resolve()]
+
+
+def test_models_are_found_under_the_given_roots_or_the_defaults(tmp_path, int8_root, runs_root):
+    from common.catalog import find_models, model_roots
+
+    assert model_roots(os.pathsep.join([str(int8_root), str(runs_root)])) == [int8_root, runs_root]
+    defaults = model_roots(None)
+    assert Path("runs") in defaults and all(r.name in ("runs", "results") for r in defaults)
+    assert {r.resolve() for r in defaults} >= {(REPO_ROOT / "runs").resolve(), (REPO_ROOT / "results").resolve()}
+    # a run's own export/ is not a second model; a stand-alone export folder is one
+    found = find_models([runs_root, int8_root])
+    assert sorted(found) == sorted([(runs_root / "cnn").resolve(), (int8_root / "cnn-int8").resolve()])
 
 
 def test_no_run_says_how_to_make_one(monkeypatch, tmp_path):

@@ -10,15 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import main as cli
 from common import explain as explain_module
-from common.explain import (NIH_SIZE, Explanation, box_frame, explain, gradcam, localisation, normalize_cam,
-                            pointing_game, pointing_game_summary, read_bboxes, recorded_run, upsample)
+from common.cli import main as cli
+from common.experiments.localisation import localisation, recorded_run
+from common.explain import (
+    NIH_SIZE,
+    Explanation,
+    box_frame,
+    explain,
+    gradcam,
+    normalize_cam,
+    pointing_game,
+    pointing_game_summary,
+    read_bboxes,
+    upsample,
+)
 from common.labels import LABELS, TASKS
 from common.onnx_predict import OnnxPredictor
+from common.paths import REPO_ROOT
 from common.predict import TorchPredictor, create_untrained_run
+from common.synthetic import SYNTHETIC_MARKER
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def _image(nih_sample: Path, i: int = 0) -> Path:
@@ -174,7 +187,7 @@ def test_pointing_game_scores_each_image_and_finding_once_over_all_its_boxes(cnn
     csv = tmp_path / "BBox_List_2017.csv"
     csv.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
                    "a.png,Nodule,10,10,4,4\na.png,Nodule,40,30,8,6\nb.png,Mass,0,0,16,16\nb.png,Fracture,1,1,2,2\n")
-    (tmp_path / "SYNTHETIC.json").write_text("{}")  # boxes in the images' own pixels, as the generator writes
+    (tmp_path / SYNTHETIC_MARKER).write_text("{}")  # boxes in the images' own pixels, as the generator writes
     assert box_frame(csv) is None
     monkeypatch.setattr(explain_module, "explain", _peak_at(44, 33))
     df = pointing_game(torch_p, csv, tmp_path / "images", progress=False)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from common.cli import main as cli
-from common.export import INT8_RECIPE, ExportError, calibration_paths, export_onnx, quantize_int8
+from common.export import (
+    INT8_RECIPE,
+    ExportError,
+    calibration_paths,
+    ensure_export,
+    export_onnx,
+    quantize_int8,
+)
 from common.labels import LABELS, TASKS
 from common.onnx_predict import OnnxModelError, OnnxPredictor
 from common.predict import TorchPredictor, create_untrained_run
@@ -104,8 +111,6 @@ def test_int8_recipe_keeps_excluded_nodes_fp32(cnn_export, nih_sample, tmp_path)
 def test_ensure_export_requantises_when_the_recipe_changed(cnn_export, tmp_path):
     import shutil
 
-    from common.compress import ensure_export
-
     run = tmp_path / "run"
     shutil.copytree(cnn_export[0], run)  # copy2: modification times kept, so the export is fresh
     before = (run / "export" / "model.int8.onnx").stat().st_mtime_ns
@@ -117,6 +122,30 @@ def test_ensure_export_requantises_when_the_recipe_changed(cnn_export, tmp_path)
     # another recipe: re-exported, which needs the run's data for calibration (an untrained run has none)
     with pytest.raises(ExportError, match="int8 calibration"):
         ensure_export(run, int8=True, log=lambda m: None)
+
+
+def test_one_freshness_rule_for_every_export_user(cnn_export, tmp_path):
+    """common.serving.stale_reason: what predict warns about, the app re-exports and ensure_export redoes."""
+    import os
+    import shutil
+
+    from common.serving import stale_reason
+
+    run = tmp_path / "run"
+    shutil.copytree(cnn_export[0], run)
+    out = run / "export"
+    assert stale_reason(out, run) is None and stale_reason(out, run, int8=True, recipe=INT8_RECIPE) is None
+    earlier = (run / "best.safetensors").stat().st_mtime - 10
+    for name in ("model.onnx", "model.int8.onnx", "model.json"):
+        os.utime(out / name, (earlier, earlier))  # the run was retrained in place after its export
+    assert "older than the run's weights" in stale_reason(out, run)
+    assert OnnxPredictor(out).stale is True  # predict's warning: the same rule, on the run model.json records
+    assert "older than the run's weights" in stale_reason(out, run, int8=True)
+    (out / "model.int8.onnx").unlink()
+    assert stale_reason(out, run, int8=True).startswith("model.int8.onnx missing")
+    assert ensure_export(run, int8=False, log=lambda m: None) == out  # fp32 redone from the newer weights
+    assert stale_reason(out, run) is None and not (out / "model.int8.onnx").exists()
+    assert OnnxPredictor(run).stale is False
 
 
 def test_int8_falls_back_to_dynamic_quantisation_when_static_fails(tmp_path, nih_sample, monkeypatch):

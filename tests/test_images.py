@@ -142,3 +142,59 @@ def test_read_resized_reports_instead_of_raising(tmp_path, nih_sample):
     (tmp_path / "z.png").write_bytes(b"")
     pixels, reason = read_resized(str(tmp_path / "z.png"), 32)
     assert pixels is None and "empty" in reason
+
+
+def _dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16) -> bytes:
+    """A DICOM file (explicit VR little endian) holding `pixels` as they are stored."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_reads_like_the_png_it_came_from(tmp_path, nih_sample):
+    """8- and 16-bit DICOM, MONOCHROME2 and (inverted) MONOCHROME1, from a path, bytes or a file
+    object, by the DICM marker or the .dcm name; `load_image` (every predictor) takes them too."""
+    pytest.importorskip("pydicom", reason="DICOM is optional: it needs pydicom")
+    from common.serving import load_image
+
+    src = read_grayscale(nih_sample / "images" / "00000211_000.png")
+    expected = np.rint((src.astype(float) - src.min()) * 255.0 / (src.max() - src.min()))
+    cases = {"8bit.dcm": _dicom(src, bits=8), "16bit.dcm": _dicom(src.astype(np.uint16) * 257),
+             "mono1": _dicom(65535 - src.astype(np.uint16) * 257, "MONOCHROME1")}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for source in (tmp_path / name, data, io.BytesIO(data)):
+            gray = read_grayscale(source)
+            assert gray.dtype == np.uint8 and gray.shape == src.shape
+            assert np.abs(gray.astype(float) - expected).max() <= 1, (name, type(source))
+        assert np.array_equal(load_image(tmp_path / name), read_grayscale(tmp_path / name))
+    (tmp_path / "fake.dcm").write_bytes(b"not a dicom file at all")
+    with pytest.raises(UnreadableImage, match="not a readable DICOM file"):
+        read_grayscale(tmp_path / "fake.dcm")
+    with pytest.raises(UnreadableImage, match="blank"):
+        read_grayscale(_dicom(np.full((8, 8), 7, np.uint8), bits=8))
+
+
+def test_dicom_without_pydicom_says_how_to_get_it(monkeypatch, tmp_path):
+    from common import images
+
+    monkeypatch.setattr(images.importlib.util, "find_spec", lambda name: None)  # as if not installed
+    assert not images.dicom_available()
+    with pytest.raises(UnreadableImage, match=r"pip install pydicom") as err:
+        read_grayscale(b"\0" * 128 + b"DICM" + b"\0" * 64, name="scan.dcm")
+    assert err.value.path == "scan.dcm"
+    (tmp_path / "a.dcm").write_bytes(b"\0" * 32)  # named .dcm, no marker: still DICOM, still explained
+    with pytest.raises(UnreadableImage, match=r"pip install pydicom"):
+        read_grayscale(tmp_path / "a.dcm")

@@ -18,8 +18,14 @@ import pytest
 from common.cli import main as cli
 from common.images import UnreadableImage, read_grayscale
 from common.labels import LABELS
-from common.predict import (TorchPredictor, create_untrained_run, expand_inputs, load_image, load_predictor,
-                            write_predictions_csv)
+from common.predict import (
+    TorchPredictor,
+    create_untrained_run,
+    expand_inputs,
+    load_image,
+    load_predictor,
+    write_predictions_csv,
+)
 from common.preprocess import resize_gray, to_model_input
 
 # thresholds far apart so "positive" is decided by the thresholds, not by 0.5

@@ -43,7 +43,8 @@ def _summary(pred, top: int = 3) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.predict import expand_inputs, is_onnx_dir, load_predictor, prediction_json, write_predictions_csv
+    from common.predict import load_predictor
+    from common.serving import expand_inputs, is_onnx_dir, prediction_json, write_predictions_csv
 
     onnx = args.onnx or args.int8 or is_onnx_dir(args.run)
     try:
