@@ -19,8 +19,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "nih-sample" / "images"
+from common.paths import sample_data_dir
+
+DEFAULT_IMAGES = sample_data_dir() / "nih-sample" / "images"
 DEFAULT_MODELS = "resnet50,densenet121,efficientnet_b0,mobilenetv3_large_100"
 
 

@@ -7,6 +7,7 @@ per module; every method then runs through `medimaging compress` itself.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,17 @@ import torch
 
 from common import compress, runs
 from common.cli import main as cli
-from common.distill import distillation_loss, soft_target_loss
-from common.prune import (keep_masks_fixed, onnx_weight_sparsity, output_layer_name, prunable_layers, prune_model,
-                          sparsity_report)
+from common.compress.distill import distillation_terms, soft_target_loss
+from common.compress.prune import (
+    keep_masks_fixed,
+    onnx_weight_sparsity,
+    output_layer_name,
+    prunable_layers,
+    prune_model,
+    sparsity_report,
+)
+from common.experiments.compression import cached_compress
+from common.serving import EXPORT_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore:pretrained=False:UserWarning")
 
@@ -218,7 +227,9 @@ def test_distillation_loss_falls_over_a_few_steps():
         history = []
         for _ in range(steps):
             logits = student(x)
-            loss, parts = distillation_loss(masked_bce(logits, targets), logits, t_logits, temperature=2.0, alpha=1.0)
+            hard = masked_bce(logits, targets)
+            loss, soft = distillation_terms(hard, logits, t_logits, temperature=2.0, alpha=1.0)
+            parts = {"hard": float(hard.detach()), "soft": float(soft.detach()), "total": float(loss.detach())}
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -367,9 +378,30 @@ def test_check_targets_and_speed_notes_on_known_rows():
     assert "NO" in compress.targets_markdown(list(checks.values()))
 
 
-def test_compress_module_imports_no_torch():
+def test_compress_package_and_measuring_child_import_no_torch():
     code = "import sys, common.compress; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # what `python -m common.compress` (the measuring child) loads: its peak RSS must be the serving process's
+    code = ("import sys, common.compress.timing; heavy = {'torch', 'pandas', 'sklearn'} & set(sys.modules); "
+            "assert not heavy, f'{heavy} imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_split_images_is_the_stored_split_after_images_are_added(teacher: Path, cardiomegaly_64: Path,
+                                                                 tmp_path: Path):
+    before = compress.split_images(teacher, "test")
+    data = tmp_path / "data"
+    shutil.copytree(cardiomegaly_64, data)
+    # a new patient's images, added to the official test list after training: not in the run's split
+    new = [f"99999999_{i:03d}.png" for i in range(3)]
+    for name, src in zip(new, sorted((data / "test").glob("*.png"))):
+        shutil.copy(src, data / "test" / name)
+    with open(data / "test.csv", "a") as f:
+        f.writelines(f"{name},Cardiomegaly\n" for name in new)
+    after = compress.split_images(teacher, "test", data=[data])
+    assert [Path(p).name for p in after.paths] == [Path(p).name for p in before.paths]
+    assert not set(new) & {Path(p).name for p in after.paths}
+    np.testing.assert_array_equal(after.y, before.y)
 
 
 def test_cached_compress_reuses_only_finished_outputs(tmp_path: Path):
@@ -378,19 +410,19 @@ def test_cached_compress_reuses_only_finished_outputs(tmp_path: Path):
 
     def make(out: Path) -> Path:
         made.append(out)
-        runs.save_json(out / compress.EXPORT_DIR / "model.json", {})
+        runs.save_json(out / EXPORT_DIR / "model.json", {})
         if len(made) > 1:  # the first attempt is "interrupted": no compression.json
             runs.save_json(out / compress.COMPRESSION_JSON, {"method": "prune"})
         return out
 
     params = {"sparsity": 0.5, "structured": False}
-    first, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    first, reused = cached_compress("prune", source, params, tmp_path, make)
     assert not reused and first.name.startswith("all14-efficientnet_b0-abc--prune-")
-    again, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    again, reused = cached_compress("prune", source, params, tmp_path, make)
     assert again == first and not reused and len(made) == 2  # unfinished: made again
-    third, reused = compress.cached_compress("prune", source, params, tmp_path, make)
+    third, reused = cached_compress("prune", source, params, tmp_path, make)
     assert third == first and reused and len(made) == 2
-    other, _ = compress.cached_compress("prune", source, {**params, "sparsity": 0.7}, tmp_path, make)
+    other, _ = cached_compress("prune", source, {**params, "sparsity": 0.7}, tmp_path, make)
     assert other != first  # other knobs, another run
 
 

@@ -13,8 +13,11 @@ command with the same --out resumes its fine-tune.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 
+from common import compress  # light: each compress module loads when one of its names is used
 from common.commands._types import non_negative_int, open_fraction, positive_float, positive_int
 
 HELP = "compress a run: int8 quantisation, magnitude pruning + fine-tune, or distillation into a smaller model"
@@ -115,8 +118,6 @@ def _misused(args: argparse.Namespace) -> str | None:
 
 
 def _compress(args: argparse.Namespace, out: str, student: str, train: dict):
-    from common import compress
-
     if args.method == "int8":
         calib = args.calibration if args.calibration else None
         return compress.quantize_run(args.run, out, calibration_images=calib, n_calibration=args.n_calibration)
@@ -130,11 +131,6 @@ def _compress(args: argparse.Namespace, out: str, student: str, train: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    import contextlib
-    import json
-
-    from common import compress
-
     problem = _misused(args)
     if problem:
         print(f"medimaging compress: error: {problem}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Magnitude pruning of a model's convolution and linear weights, with masks folded into the weights.
+"""prune: magnitude pruning of a model's convolution and linear weights, and of a whole run.
 
 Two kinds, both from `torch.nn.utils.prune`:
   - unstructured: the smallest |w| are zeroed, either across all prunable layers at once
@@ -14,16 +14,29 @@ under SGD, Adam or AdamW (its moments stay zero and decoupled weight decay scale
 
 The model's output layer (the last `nn.Linear`, one row per label) is never pruned: zeroing a
 label's row would silence that finding.
+
+`prune_run` prunes a run's best weights, fine-tunes them with `common.train.fit` from the source's
+configuration (same data and split) with the masks held fixed (`FitHooks.on_model`), and writes
+the sparsity achieved in best.safetensors and in the exported ONNX initialisers to compression.json.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from common import runs
+from common.compress.base import log_stderr, source_train_config, write_report
+from common.export import export_onnx
+from common.serving import EXPORT_DIR, FP32
+from common.train import FitHooks, fit
+
+PRUNE_LR_FACTOR = 0.1  # fine-tuning a pruned model: a tenth of the source run's learning rate
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SCOPES = ("global", "layer")
 
@@ -97,7 +110,6 @@ def prune_model(
             masks[f"{name}.weight" if name else "weight"] = module.weight_mask.detach().bool().clone()
             prune.remove(module, "weight")  # fold: weight = weight_orig * mask, a plain Parameter again
     return masks
-
 
 
 def keep_masks_fixed(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list:
@@ -182,3 +194,70 @@ def onnx_weight_sparsity(onnx_path) -> dict:
     model = onnx.load(str(onnx_path))
     tensors = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     return sparsity_report(tensors)
+
+
+def prune_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    sparsity: float,
+    structured: bool = False,
+    scope: str = "global",
+    norm: int = 1,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    data: Sequence[str] | None = None,
+    export: bool = True,
+    log: Callable[[str], None] | None = None,
+    **train_overrides,
+) -> Path:
+    """Prune a run's best weights by magnitude, fine-tune with the masks fixed; return the new run dir.
+
+    sparsity: share of the prunable conv/linear weights zeroed (unstructured, `scope` "global" or
+    "layer") or of their output channels (structured, by L`norm` norm). The fine-tune is `fit`
+    with the source's configuration (same data and split) for `epochs` / `max_steps` at `lr`
+    (default: a tenth of the source's); max_steps=0 keeps the pruned weights as they are and
+    only scores them. The achieved sparsity of best.safetensors (and of RUN/export/model.onnx when
+    `export`) is measured and written to compression.json; a mask that did not hold is an error.
+    """
+    log = log or log_stderr
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve():
+        raise ValueError(f"--out {out} is the source run itself; give a new folder for the pruned run")
+    source = runs.load_run(run_dir)
+    src_cfg = runs.read_config(run_dir)
+    base_lr = float((src_cfg.get("train") or {}).get("lr", 5e-4))
+    cfg = source_train_config(run_dir, out, data=data, epochs=epochs, max_steps=max_steps,
+                              lr=lr if lr is not None else base_lr * PRUNE_LR_FACTOR, **train_overrides)
+    masks = prune_model(source.model, sparsity, structured=structured, scope=scope, norm=norm)
+    pruned_state = {k: v.detach().clone() for k, v in source.model.state_dict().items()}
+    before = sparsity_report(pruned_state, masks)
+    kind = f"{'structured L' + str(norm) + ' channel' if structured else 'unstructured L1 ' + scope}"
+    log(f"prune: {kind} at {sparsity:.0%}: {len(masks)} layers, {before['pruned_zeros']:,} of "
+        f"{before['pruned_params']:,} prunable weights are zero ({before['pruned_sparsity']:.2%})")
+    init = {"source": str(run_dir.resolve()), "method": "prune", "sparsity": float(sparsity), "structured": structured,
+            "scope": scope, "norm": norm}
+
+    def on_model(model: nn.Module, fit_log: Callable[[str], None]) -> dict:
+        model.load_state_dict(pruned_state)  # strict: the same architecture as the source
+        keep_masks_fixed(model, masks)
+        fit_log(f"pruned weights of {run_dir} loaded ({kind} {sparsity:.0%}); masks held fixed while fine-tuning")
+        return init
+
+    fit(cfg, hooks=FitHooks(on_model=on_model))
+    saved = runs.load_weights(out / runs.BEST)
+    achieved = sparsity_report(saved, masks)
+    broken = [name for name, m in masks.items() if bool((saved[name][~m.to(saved[name].device)] != 0).any())]
+    if broken:
+        raise RuntimeError(f"{out / runs.BEST}: pruned weights became non-zero during the fine-tune in "
+                           f"{len(broken)} layer(s) ({broken[:3]}); the masks did not hold")
+    report = {"method": "prune", **init, "layers": len(masks), "safetensors": achieved,
+              "fine_tune": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr}}
+    log(f"prune: {out / runs.BEST}: {achieved['pruned_sparsity']:.2%} of the prunable weights are zero "
+        f"({achieved['overall_sparsity']:.2%} of all parameters)")
+    if export:
+        exp = export_onnx(out, out / EXPORT_DIR, log=log)
+        report["onnx"] = onnx_weight_sparsity(exp / FP32)
+        log(f"prune: {exp / FP32}: {report['onnx']['weight_sparsity']:.2%} of the weight tensors' values are zero")
+    write_report(out, report)
+    return out
