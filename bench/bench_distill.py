@@ -12,12 +12,13 @@ into $MEDIMAGING_CACHE), whose findings a small network can learn at 64 px.
 
 The teacher is trained exactly as `notebooks/compression.ipynb` trains it (`common.experiments`:
 all 14 labels, the profile's recipe, cached in the run cache, so the notebook reuses it and vice
-versa); each `--recipe` distils a student with `common.compress.distill_run` (cached under the
-same key the notebook uses, so the profile's default recipe is shared too). Every model is
-exported to ONNX (fp32 and int8) and measured by `common.compress.measure_table`: model-only
-latency at batch 1 with `--threads` ONNX Runtime threads, each model in a fresh process, all in
-the same run and `--rounds` times (each row keeps its fastest median), and mean AUROC on the
-teacher's test split. Prints one table and the target check.
+versa); each `--recipe` distils a student with `common.compress.distill_run`, cached under the
+key the notebook uses (`common.experiments.compression.cached_distill`), so the profile's default
+recipe is shared too. Every model is exported to ONNX (fp32 and int8) and measured by
+`common.compress.measure_table`: model-only latency at batch 1 with `--threads` ONNX Runtime
+threads, each model in a fresh process, all in the same run and `--rounds` times (each row keeps
+its fastest median), and mean AUROC on the teacher's stored test split. Prints one table and the
+target check.
 
 Measured on a 2-core CPU (tables in the commit message that added this paragraph): the quick
 profile's 4-epoch teacher reaches only ~0.59 test mean AUROC on the synthetic default, so its
@@ -35,7 +36,6 @@ import os
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE_KEYS = {"student": str, "px": int, "epochs": int, "alpha": float, "T": float, "lr": float}
 
 
@@ -80,9 +80,10 @@ def main() -> None:
 
     from common import compress, runs
     from common import experiments as ex
+    from common.experiments.compression import cached_distill
 
     prof = ex.get_profile(args.profile, args.smoke)
-    plan = compress.PLANS["smoke" if prof.smoke else prof.name]
+    plan = ex.compression_plan(prof)
     root = ex.runs_dir(args.runs)
     data = None
     if args.data:
@@ -92,7 +93,7 @@ def main() -> None:
         for d in args.data:
             d = d.expanduser().resolve()
             ex.load_data(d)  # a clear error for a missing or unreadable folder
-            if ex._is_cardiomegaly_layout(d):
+            if ex.is_cardiomegaly_layout(d):
                 cardio = d
             else:
                 full = d
@@ -102,7 +103,7 @@ def main() -> None:
 
         if args.smoke:  # a small set of its own, beside the default, so smoke runs stay seconds
             smoke_root = synthetic.synthetic_root().with_name("synthetic-bench-smoke")
-            if not (smoke_root / "SYNTHETIC.json").is_file():
+            if not (smoke_root / synthetic.SYNTHETIC_MARKER).is_file():
                 synthetic.generate(smoke_root, "nih", n_images=80, image_size=64, progress=args.progress)
             data = ex.DataSpec(smoke_root.resolve(), None, True)
         else:
@@ -132,9 +133,9 @@ def main() -> None:
     for r in recipes:
         student = prof.model_for(r["student"])
         t0 = time.perf_counter()
-        # the cache key of common.compress.compression_experiment's student (weights as the profile says)
-        run_dir, _ = compress.cached_distill(teacher_run, root, student, r["px"], r["T"], r["alpha"], r["epochs"],
-                                             prof.max_steps, r["lr"], prof.pretrained_for(student), **fit_common)
+        # the cache key of the compression experiment's student (weights as the profile says)
+        run_dir, _ = cached_distill(teacher_run, root, student, r["px"], r["T"], r["alpha"], r["epochs"],
+                                    prof.max_steps, r["lr"], prof.pretrained_for(student), **fit_common)
         label = f"{student} ({recipe_label(r)})"
         student_s[label] = time.perf_counter() - t0
         variants.append(compress.Variant(f"{label} fp32", run_dir, False, "distill", student, recipe_label(r),

@@ -88,7 +88,7 @@ def test_clear_unfinished_spares_finished_runs_and_runs_in_progress(cache, capsy
     assert cli(["cache", "clear", "images", "--unfinished"]) == 2
     assert "runs only" in capsys.readouterr().err
 
-    # a training in progress holds its run's lock (common.experiments._run_lock)
+    # a training in progress holds its run's lock (common.experiments.runcache.run_lock)
     with open(cache["interrupted"] / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert cli(["cache", "clear", "runs", "--unfinished"]) == 0

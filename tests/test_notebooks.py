@@ -16,9 +16,12 @@ import nbformat
 import pytest
 
 from common import experiments
-from common.reproduce import NOTEBOOKS, reproduce, write_tables_md
+from common.experiments.notebooks import NOTEBOOKS
+from common.experiments.records import write_tables_md
+from common.experiments.reproduce import reproduce
+from common.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 REPRODUCE_PARAMETERS = ("Profile", "Smoke", "DataFull", "DataCardiomegaly", "OutDir", "RunsDir")
 REQUIRED_PARAMETERS = ("OutDir",)  # every notebook writes where reproduce says; the rest where relevant
 TRAINER_NOTEBOOKS = {"single_task", "multi_task", "transformer"}
@@ -87,7 +90,7 @@ def notebook_problems(path: Path) -> list[str]:
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
 def test_notebook_follows_the_house_rules(nb):
     path = REPO / nb.path
-    assert path.is_file(), f"{nb.path} listed in common.reproduce.NOTEBOOKS but missing"
+    assert path.is_file(), f"{nb.path} listed in common.experiments.records.NOTEBOOKS but missing"
     assert notebook_problems(path) == []
 
 
@@ -303,8 +306,8 @@ def test_a_second_reproduce_retrains_nothing(smoke_real, nih_sample, cardiomegal
 
 
 def test_a_failing_notebook_fails_the_command_and_the_others_still_run(tmp_path, cardiomegaly_64, monkeypatch, capsys):
-    from common import reproduce as rep
     from common.cli import main
+    from common.experiments import reproduce as rep
 
     root = tmp_path / "repo"
     (root / "nb").mkdir(parents=True)

@@ -11,10 +11,13 @@ import pandas as pd
 import pytest
 
 from common import experiments
-from common import reproduce as rep
 from common.cli import build_parser
+from common.experiments import records
+from common.experiments import reproduce as rep
+from common.labels import LABELS
+from common.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def test_the_kernel_runs_this_interpreter():
@@ -66,8 +69,8 @@ def test_profiles_map_backbones_as_documented():
     quick, paper, smoke = (experiments.get_profile(n) for n in ("quick", "paper", "smoke"))
     assert experiments.get_profile("paper", smoke=True) is smoke
     assert paper.model_for(experiments.STUDY_MODEL) == experiments.STUDY_MODEL
-    assert (paper.image_size, paper.epochs, paper.batch_size, paper.lr, paper.pretrained) == (224, 5, 16, 5e-4, True)
-    assert not quick.pretrained and quick.image_size <= 96
+    assert (paper.image_size, paper.epochs, paper.batch_size, paper.lr, paper.weights.kind) == (224, 5, 16, 5e-4, "hub")
+    assert quick.weights.is_random and quick.image_size <= 96
     for _, name in experiments.BACKBONES:
         small = quick.model_for(name)
         assert small and smoke.model_for(name).startswith("test_")
@@ -78,12 +81,12 @@ def test_profiles_map_backbones_as_documented():
 
 
 def test_profile_workers_never_exceed_the_cores(monkeypatch, cardiomegaly_64):
-    import common.cache
+    from common.experiments import stages
 
     data = experiments.DataSpec(None, cardiomegaly_64, False)
     paper = experiments.get_profile("paper", weights="none")
     for cores, expected in ((2, 2), (16, paper.num_workers)):
-        monkeypatch.setattr(common.cache, "default_workers", lambda: cores)
+        monkeypatch.setattr(stages, "default_workers", lambda: cores)
         cfg = experiments.train_config(paper, experiments.STUDY_MODEL, "cardiomegaly", data)
         assert cfg.num_workers == expected
 
@@ -181,13 +184,13 @@ def test_run_keys_follow_the_configuration_and_the_data(cardiomegaly_64, tmp_pat
     csv = copy / "train.csv"
     st = csv.stat()
     os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    experiments._load_dataset_cached.cache_clear()
+    experiments.datasets._load_dataset_cached.cache_clear()
     assert experiments.run_key(_config([copy])) == k1
     lines = csv.read_text().splitlines()
     header, first = lines[0], lines[1].split(",")
     first[1] = "No Finding" if first[1] == "Cardiomegaly" else "Cardiomegaly"  # one label flipped, same size or not
     csv.write_text("\n".join([header, ",".join(first), *lines[2:]]) + "\n")
-    experiments._load_dataset_cached.cache_clear()
+    experiments.datasets._load_dataset_cached.cache_clear()
     assert experiments.run_key(_config([copy])) != k1
 
 
@@ -226,7 +229,7 @@ def _metrics(n_boot=50):
     y[:40, 2:] = np.nan  # a Cardiomegaly-only source
     p = np.clip(0.6 * y + 0.4 * rng.random((120, 14)), 0, 1)
     p = np.where(np.isnan(p), rng.random((120, 14)), p)
-    return evaluate_predictions(y, p, experiments.LABELS, n_boot=n_boot)
+    return evaluate_predictions(y, p, LABELS, n_boot=n_boot)
 
 
 def test_per_label_table_carries_baselines_intervals_and_chexnet():
@@ -261,7 +264,7 @@ def test_saved_experiments_are_collected_into_tables_md(tmp_path, cardiomegaly_6
     other.save(tmp_path)
     assert list(experiments.load_experiments(tmp_path)) == ["single_task", "compression"]
     (tmp_path / "tables" / "localisation.md").write_text("| a |\n|---|\n| 1 |\n")  # a plain table, no record
-    text = rep.write_tables_md(tmp_path, profile="quick").read_text()
+    text = records.write_tables_md(tmp_path, profile="quick").read_text()
     assert text.index("### Third") < text.index("## localisation") and "| 1 |" in text
     assert text.index("### First") < text.index("### Second") < text.index("### Third")
     assert text.count("- Data: dataset_cardiomegaly = ") == 3 and text.count("- Profile: quick") == 4
@@ -305,10 +308,10 @@ def test_commit_ignores_the_results_folder_being_rewritten(tmp_path):
     (repo / "results" / "tables.md").write_text("old\n")
     run("add", ".")
     run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
-    clean = rep.git_commit(repo)
+    clean = records.git_commit(repo)
     assert clean and "uncommitted" not in clean
     (repo / "results" / "tables.md").write_text("new\n")
-    assert rep.git_commit(repo).endswith("+ uncommitted changes")
-    assert rep.git_commit(repo, exclude=repo / "results") == clean
+    assert records.git_commit(repo).endswith("+ uncommitted changes")
+    assert records.git_commit(repo, exclude=repo / "results") == clean
     (repo / "code.py").write_text("x = 2\n")
-    assert rep.git_commit(repo, exclude=repo / "results").endswith("+ uncommitted changes")
+    assert records.git_commit(repo, exclude=repo / "results").endswith("+ uncommitted changes")

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.reproduce import notebook_names  # light: the table only; papermill loads when running
+from common.experiments.notebooks import notebook_names  # light: the table only; papermill loads when running
+from common.experiments.profiles import REPRODUCE_PROFILES  # light: dataclasses and the Weights value
 
 HELP = "execute every experiment notebook (papermill) and write OUT/tables.md, figures and executed notebooks"
 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", choices=("quick", "paper"), default="quick",
+    parser.add_argument("--profile", choices=REPRODUCE_PROFILES, default="quick",
                         help="quick: small variants at low resolution, ~20 min on a 2-core CPU (default); "
                              "paper: the study's settings (EfficientNet-B4 at 224, hub weights, 5 epochs; a GPU)")
     parser.add_argument("--smoke", action="store_true",
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.data import DatasetError
-    from common.reproduce import reproduce
+    from common.experiments.reproduce import reproduce
 
     try:
         result = reproduce(

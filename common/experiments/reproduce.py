@@ -2,7 +2,7 @@
 
     OUT/notebooks/<name>.ipynb   each notebook as executed (kept even when it failed)
     OUT/figures/*.png            plots the notebooks saved
-    OUT/tables/<name>.json       each notebook's tables (written by common.experiments.Experiment.save)
+    OUT/tables/<name>.json       each notebook's tables (written by common.experiments.records.Experiment.save)
     OUT/tables.md                every table, each headed by the data, profile, commit and date
 
 Notebooks run with papermill's Python API, in the order of `NOTEBOOKS`, each in a fresh kernel of
@@ -23,10 +23,8 @@ Every notebook receives the same parameters (its `parameters` cell must define t
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,44 +32,22 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.runs import atomic_write_text, load_json
+from tqdm.auto import tqdm
+
+from common.experiments.datasets import resolve_data
+from common.experiments.notebooks import NOTEBOOKS, Notebook, notebook_names
+from common.experiments.profiles import BACKBONES, REPRODUCE_PROFILES, WEIGHTS_ENV, check_weights, get_profile
+from common.experiments.records import FIGURES_DIR, NOTEBOOKS_DIR, TABLES_DIR, write_tables_md
+from common.experiments.runcache import runs_dir as find_runs_dir
+from common.paths import REPO_ROOT
+from common.weights import LOCAL
 
 KERNEL_NAME = "python3"
-PROFILES = ("quick", "paper")
-
-
-@dataclass(frozen=True)
-class Notebook:
-    """One entry of the reproduce order."""
-
-    name: str  # what `--only` takes; also the name of its tables file (OUT/tables/<name>.json)
-    path: str  # relative to the repository root
-    what: str  # one line for `--help` and the log
-
-
-# The one ordered table of notebooks: each may reuse the cached runs of those above it (the
-# multi-task notebook's stage 1 is the single-task run; the freezing ablation starts from it).
-# To add a notebook, add a line here before "results", which collects every table written above it.
-NOTEBOOKS: tuple[Notebook, ...] = (
-    Notebook("data_exploration", "notebooks/data_exploration.ipynb", "label frequencies, co-occurrence, demographics, images"),
-    Notebook("single_task", "single-task/single_task.ipynb", "stage 1: Cardiomegaly vs No Finding"),
-    Notebook("multi_task", "multi-task/multi_task.ipynb", "stage 2: 14 labels from stage 1, and without it"),
-    Notebook("transformer", "transformer/transformer.ipynb", "the two stages with a ViT"),
-    Notebook("backbone_ablation", "notebooks/backbone_ablation.ipynb", "VGG, ResNet, DenseNet, CSPDarkNet, EfficientNet, ViT, ConvNeXt"),
-    Notebook("freeze_ablation", "notebooks/freeze_ablation.ipynb", "nothing / early stages / all but the head frozen"),
-    Notebook("compression", "notebooks/compression.ipynb", "int8 / pruning / distillation: size, speed and AUROC in one table"),
-    Notebook("localisation", "notebooks/localisation.ipynb", "Grad-CAM pointing game of the stage-2 run on the data's radiologist boxes"),
-    Notebook("results", "notebooks/results.ipynb", "every table, ROC curves, training curves, CheXNet comparison"),
-)
-
-
-def notebook_names() -> list[str]:
-    return [nb.name for nb in NOTEBOOKS]
 
 
 def repo_root() -> Path:
     """The checkout holding the notebooks (common/ is installed editable from it)."""
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     if not (root / NOTEBOOKS[0].path).is_file():
         raise FileNotFoundError(
             f"{root}: the experiment notebooks are not here ({NOTEBOOKS[0].path} is missing); "
@@ -125,8 +101,6 @@ def python_kernel() -> Iterator[str]:
 def _report_weights_folder(prof) -> None:
     """Say up front which of the suite's backbones the weights folder covers (a missing one fails
     only the notebook that trains it, with the file names it looked for)."""
-    from common.experiments import BACKBONES
-
     found, missing = [], []
     for _, name in BACKBONES:
         model = prof.model_for(name)
@@ -135,7 +109,7 @@ def _report_weights_folder(prof) -> None:
             found.append(model)
         except FileNotFoundError:
             missing.append(model)
-    print(f"reproduce: weights folder {prof.weights}: weights for {', '.join(found) or 'none of the backbones'}"
+    print(f"reproduce: weights folder {prof.weights.source}: weights for {', '.join(found) or 'none of the backbones'}"
           + (f"; none for {', '.join(missing)} (trainings of those fail)" if missing else ""), file=sys.stderr)
 
 
@@ -218,7 +192,7 @@ def run_notebook(nb: Notebook, parameters: dict, out: Path, kernel_name: str, ro
     import papermill as pm
 
     src = root / nb.path
-    dst = out / "notebooks" / f"{nb.name}.ipynb"
+    dst = out / NOTEBOOKS_DIR / f"{nb.name}.ipynb"
     dst.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     error = None
@@ -253,23 +227,19 @@ def reproduce(
     folder of downloaded weights) overrides the profile's pretrained weights in every notebook (through
     $MEDIMAGING_WEIGHTS). Never raises for a failing notebook: see `ReproduceResult.failed`.
     """
-    from tqdm.auto import tqdm
-
-    from common import experiments
-
-    if profile not in PROFILES:
-        raise ValueError(f"profile {profile!r}: expected one of {list(PROFILES)}")
+    if profile not in REPRODUCE_PROFILES:
+        raise ValueError(f"profile {profile!r}: expected one of {list(REPRODUCE_PROFILES)}")
     notebooks = select(only)
-    weights = experiments.check_weights(weights) if weights is not None else None
-    prof = experiments.get_profile(profile, smoke, weights)
-    if prof.weights not in (None, "hub", "none"):
+    weights = check_weights(weights) if weights is not None else None
+    prof = get_profile(profile, smoke, weights)
+    if prof.weights.kind == LOCAL:
         _report_weights_folder(prof)
     root = repo_root()
     out = Path(out).expanduser().resolve()
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "tables").mkdir(parents=True, exist_ok=True)
-    data = experiments.resolve_data(data_full, data_cardiomegaly)
-    runs = experiments.runs_dir(runs_dir)
+    (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+    data = resolve_data(data_full, data_cardiomegaly)
+    runs = find_runs_dir(runs_dir)
     parameters = {
         "Profile": profile,
         "Smoke": bool(smoke),
@@ -282,7 +252,7 @@ def reproduce(
     print(f"reproduce: profile {prof.label}, data: {data.describe()}", file=sys.stderr)
     print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
     result = ReproduceResult(out)
-    with python_kernel() as kernel_name, _environ(experiments.WEIGHTS_ENV, weights):
+    with python_kernel() as kernel_name, _environ(WEIGHTS_ENV, weights):
         bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
         for nb in bar:
             bar.set_postfix_str(nb.name)
@@ -293,75 +263,3 @@ def reproduce(
             tqdm.write(f"{nb.name}: {status} in {outcome.seconds:.0f} s -> {outcome.output}", file=sys.stderr)
     result.tables_md = write_tables_md(out, profile=prof.name)
     return result
-
-
-# ------------------------------------------------------------------------------- tables.md
-def git_commit(cwd: str | Path | None = None, exclude: str | Path | None = None) -> str:
-    """The checkout's commit (short hash, "+ uncommitted changes" when dirty), or "unknown".
-
-    `exclude`: a folder whose changes do not count, e.g. the results folder being rewritten now.
-    """
-    cwd = Path(cwd) if cwd else Path(__file__).resolve().parents[1]
-    status = ["git", "status", "--porcelain", "--untracked-files=no"]
-    if exclude is not None:
-        rel = os.path.relpath(Path(exclude).resolve(), cwd.resolve())
-        if not rel.startswith(os.pardir):
-            status += ["--", ".", f":(exclude){rel}"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(status, cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head} + uncommitted changes" if dirty else head
-
-
-def write_tables_md(out: str | Path, profile: str | None = None) -> Path:
-    """Collect OUT/tables/<name>.json (notebook order, then any others) into OUT/tables.md.
-
-    A notebook that writes a plain OUT/tables/<name>.md instead of a record (common.experiments.
-    Experiment.save) has it appended as is, headed by what reproduce knows: its profile, the
-    commit and the file's date.
-    """
-    out = Path(out)
-    files = {p.stem: p for p in sorted((out / "tables").glob("*.json"))}
-    plain = {p.stem: p for p in sorted((out / "tables").glob("*.md")) if p.stem not in files}
-    order = [n for n in notebook_names() if n in files] + [n for n in files if n not in notebook_names()]
-    lines = [
-        "# MedImaging results",
-        "",
-        f"Collected by `medimaging reproduce` on {_dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. "
-        "Each table is headed by the data it was computed on, the profile, the commit and the date.",
-        "",
-    ]
-    for name in order:
-        try:
-            record = load_json(files[name])
-        except ValueError as err:
-            lines += [f"## {name}", "", f"(tables file unreadable: {err})", ""]
-            continue
-        lines += [f"## {record.get('title', name)}", ""]
-        if record.get("notes"):
-            lines += [record["notes"], ""]
-        for table in record.get("tables", []):
-            lines += [f"### {table['title']}", ""]
-            lines += [
-                f"- Data: {record.get('data', 'unknown')}",
-                f"- Profile: {record.get('profile', 'unknown')}",
-                f"- Commit: {record.get('commit', 'unknown')}",
-                f"- Date: {record.get('date', 'unknown')}",
-                "",
-                table["markdown"].rstrip(),
-                "",
-            ]
-            if table.get("note"):
-                lines += [table["note"], ""]
-    commit = git_commit(exclude=out) if plain else ""
-    for name, p in plain.items():
-        date = _dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
-        lines += [f"## {name}", "", "- Data: as stated in the table's title",
-                  f"- Profile: {profile or 'unknown'}", f"- Commit: {commit}", f"- Date: {date}", "",
-                  p.read_text().strip(), ""]
-    path = out / "tables.md"
-    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
-    return path

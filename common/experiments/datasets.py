@@ -1,0 +1,152 @@
+"""Data specs: which folders an experiment uses, their identity in run keys, and how headers name them."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.data import DatasetError, combine, default_data_dirs, detect_layout, load_dataset
+from common.paths import DATASET_CARDIOMEGALY, DATASET_FULL, REPO_ROOT, find_data_dir, has_data
+
+
+@functools.lru_cache(maxsize=32)
+def _load_dataset_cached(root: str, stamp: tuple) -> Any:
+    return load_dataset(root, quiet=True)
+
+
+def _label_files(root: Path) -> tuple:
+    """(name, size, mtime_ns) of the label files at the top of a dataset folder."""
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() in (".csv", ".txt", ".json"):
+            st = p.stat()
+            out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def load_data(root: str | Path):
+    """`common.data.load_dataset(root)`, memoised while its label files are unchanged."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found (give a folder in the NIH, dataset_full or "
+                           "dataset_cardiomegaly layout; see dataset_full/README.md)")
+    return _load_dataset_cached(str(root), _label_files(root))
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 (16 hex digits) of a file's bytes, memoised while its size and mtime are unchanged."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def dataset_identity(root: str | Path) -> dict:
+    """A dataset folder's identity in a run key: path, layout, image and patient counts, and the
+    content of each label file (an edited label file makes a new run; a label file that was only
+    touched or unpacked again keeps its runs)."""
+    root = Path(root).resolve()
+    ds = load_data(root)
+    return {"path": str(root), "layout": ds.layout, "images": int(len(ds.frame)),
+            "patients": int(ds.frame["patient_id"].nunique()),
+            "label_files": [[name, size, _file_digest(str(root / name), size, mtime)]
+                            for name, size, mtime in _label_files(root)]}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data an experiment uses: the full (14-label) set and/or the Cardiomegaly set."""
+
+    full: Path | None
+    cardiomegaly: Path | None
+    synthetic: bool
+
+    def dirs(self) -> list[str]:
+        """Absolute dataset folders, Cardiomegaly set first (the study's stage-1 set)."""
+        return [str(p) for p in (self.cardiomegaly, self.full) if p is not None]
+
+    def datasets(self) -> list:
+        return [load_data(d) for d in self.dirs()]
+
+    def frame(self) -> pd.DataFrame:
+        return combine(self.datasets()).frame
+
+    def identity(self) -> list[dict]:
+        """What makes the data this data, for run keys: paths, layout, counts, label files."""
+        return [dataset_identity(d) for d in self.dirs()]
+
+    def describe(self) -> str:
+        """One line for table headers: SYNTHETIC, or each folder with its image and patient counts."""
+        parts = []
+        for role, d in (("dataset_full", self.full), ("dataset_cardiomegaly", self.cardiomegaly)):
+            if d is None:
+                continue
+            ds = load_data(d)
+            parts.append(f"{role} = {display_path(d)} ({ds.layout} layout, {len(ds.frame)} images, "
+                         f"{ds.frame['patient_id'].nunique()} patients)")
+        text = "; ".join(parts) or "no data"
+        return f"SYNTHETIC (the suite's generated default) - {text}" if self.synthetic else text
+
+    def to_dict(self) -> dict:
+        return {"full": str(self.full) if self.full else None,
+                "cardiomegaly": str(self.cardiomegaly) if self.cardiomegaly else None, "synthetic": self.synthetic}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DataSpec:
+        return cls(Path(d["full"]) if d.get("full") else None,
+                   Path(d["cardiomegaly"]) if d.get("cardiomegaly") else None, bool(d.get("synthetic")))
+
+
+def is_cardiomegaly_layout(folder: Path) -> bool:
+    """Whether a folder is in the Cardiomegaly vs No Finding layout (train/ test/ train.csv test.csv)."""
+    return detect_layout(folder)[0] == "cardiomegaly"
+
+
+def resolve_data(data_full: str | Path | None = None, data_cardiomegaly: str | Path | None = None) -> DataSpec:
+    """The folders to use. None means `dataset_full/` / `dataset_cardiomegaly/` (from the working
+    directory upwards) when they hold data; when neither given nor found, the synthetic default."""
+    if data_full is None and data_cardiomegaly is None:
+        dirs, synthetic = default_data_dirs()
+        full = cardio = None
+        for d in dirs:
+            d = Path(d).resolve()
+            if is_cardiomegaly_layout(d):
+                cardio = d
+            else:
+                full = d
+        return DataSpec(full, cardio, bool(synthetic))
+    full = Path(data_full).expanduser().resolve() if data_full is not None else None
+    cardio = Path(data_cardiomegaly).expanduser().resolve() if data_cardiomegaly is not None else None
+    if full is None and has_data(find_data_dir(DATASET_FULL)):
+        full = find_data_dir(DATASET_FULL)
+    if cardio is None and has_data(find_data_dir(DATASET_CARDIOMEGALY)):
+        cardio = find_data_dir(DATASET_CARDIOMEGALY)
+    specs = [load_data(p) for p in (full, cardio) if p is not None]  # a clear error for a bad folder
+    return DataSpec(full, cardio, any(bool(getattr(s, "is_synthetic", False)) for s in specs))
+
+
+def display_path(path: str | Path) -> str:
+    """A data folder as table headers show it: relative to the checkout when it sits beside it
+    (../shared/data/nih-sample), under ~ when in the home folder, else absolute."""
+    p = Path(path).resolve()
+    rel = os.path.relpath(p, REPO_ROOT)
+    if not rel.startswith(os.pardir + os.sep + os.pardir):
+        return rel
+    with contextlib.suppress(ValueError, RuntimeError):
+        return "~/" + str(p.relative_to(Path.home()))
+    return str(p)
+
+
+def title(text: str, synthetic: bool) -> str:
+    """A table or plot title that says SYNTHETIC when the data is."""
+    return f"SYNTHETIC DATA - {text}" if synthetic else text
+
