@@ -42,19 +42,8 @@ from common import runs
 from common.images import UnreadableImage
 from common.io import atomic_write_bytes, save_json
 from common.onnx_predict import _NumpyHead, open_session, session_options
-from common.serving import (
-    EXPORT_DIR,
-    FP32,
-    HEAD_NPZ,
-    INT8,
-    ONNX_META,
-    OPT_CACHE,
-    expand_inputs,
-    load_image,
-    prepare,
-    sigmoid,
-    stale_reason,
-)
+from common.serving import (EXPORT_DIR, FP32, HEAD_NPZ, INT8, ONNX_META, OPT_CACHE, expand_inputs, load_image, prepare,
+                            sigmoid, stale_reason)
 from common.splits import split_paths
 
 FORMAT = "medimaging-onnx"

@@ -24,19 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.serving import (
-    EXPORT_DIR,
-    FP32,
-    HEAD_NPZ,
-    INT8,
-    ONNX_META,
-    OPT_CACHE,
-    OnnxModelError,
-    Predictor,
-    resolve_export_dir,
-    sigmoid,
-    stale_reason,
-)
+from common.serving import (EXPORT_DIR, FP32, HEAD_NPZ, INT8, ONNX_META, OPT_CACHE, OnnxModelError, Predictor,
+                            resolve_export_dir, sigmoid, stale_reason)
 
 __all__ = [
     "OnnxPredictor", "open_session", "session_options", "cam_from_features",

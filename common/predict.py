@@ -26,20 +26,8 @@ import numpy as np
 
 from common import runs
 from common.onnx_predict import OnnxPredictor
-from common.serving import (
-    ONNX_META,
-    ImageInput,
-    Prediction,
-    Predictor,
-    expand_inputs,
-    is_onnx_dir,
-    load_image,
-    positives,
-    prediction_json,
-    prepare,
-    sigmoid,
-    write_predictions_csv,
-)
+from common.serving import (ONNX_META, ImageInput, Prediction, Predictor, expand_inputs, is_onnx_dir, load_image,
+                            positives, prediction_json, prepare, sigmoid, write_predictions_csv)
 
 __all__ = [
     "TorchPredictor", "load_predictor", "create_untrained_run",

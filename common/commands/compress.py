@@ -122,12 +122,14 @@ def _compress(args: argparse.Namespace, out: str, student: str, train: dict):
         calib = args.calibration if args.calibration else None
         return compress.quantize_run(args.run, out, calibration_images=calib, n_calibration=args.n_calibration)
     if args.method == "prune":
+        tune = compress.FineTune(epochs=args.epochs or 1, max_steps=args.max_steps, lr=args.lr, data=args.data,
+                                 export=args.export)
         return compress.prune_run(args.run, out, args.sparsity, structured=args.structured, scope=args.scope,
-                                  norm=args.norm, epochs=args.epochs or 1, max_steps=args.max_steps, lr=args.lr,
-                                  data=args.data, export=args.export, **train)
+                                  norm=args.norm, tune=tune, **train)
+    tune = compress.FineTune(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, data=args.data,
+                             export=args.export)
     return compress.distill_run(args.run, out, student=student, student_image_size=args.student_image_size,
-                                temperature=args.temperature, alpha=args.alpha, epochs=args.epochs,
-                                max_steps=args.max_steps, lr=args.lr, data=args.data, export=args.export, **train)
+                                temperature=args.temperature, alpha=args.alpha, tune=tune, **train)
 
 
 def run(args: argparse.Namespace) -> int:

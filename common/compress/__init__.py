@@ -33,7 +33,7 @@ from __future__ import annotations
 from common.lazy import lazy_exports
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "base": ("COMPRESSION_JSON", "source_train_config", "read_report"),
+    "base": ("COMPRESSION_JSON", "FineTune", "source_train_config", "read_report"),
     "quantize": ("quantize_run",),
     "prune": ("PRUNE_LR_FACTOR", "prune_run"),
     "distill": ("DEFAULT_STUDENT", "DISTILL_LOSS_CSV", "distill_run", "read_distill_loss"),

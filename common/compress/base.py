@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import runs
@@ -22,6 +23,26 @@ COMPRESSION_JSON = "compression.json"
 def log_stderr(msg: str) -> None:
     """The default log of every compression step: progress goes to stderr, results to the caller."""
     print(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How a derived run (pruned, distilled) trains after its compression step, and what it writes.
+
+    None keeps the source run's value (for `lr`, each method's own default). Further TrainConfig
+    fields (batch_size, device, num_workers, progress, ...) go as keyword overrides beside it.
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None  # 0: no training step, only scoring the compressed weights
+    lr: float | None = None
+    data: Sequence[str] | None = None  # the source's data folders, when they moved
+    export: bool = True  # ONNX export into OUT/export when done
+    log: Callable[[str], None] | None = None  # progress lines (default: stderr)
+
+    @property
+    def logger(self) -> Callable[[str], None]:
+        return self.log or log_stderr
 
 
 def source_train_config(run_dir: str | os.PathLike, out: str | os.PathLike, data: Sequence[str] | None = None,

@@ -16,7 +16,7 @@ directory; its per-micro-batch loss parts are in `distill_loss.csv`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import runs
-from common.compress.base import log_stderr, source_train_config, write_report
+from common.compress.base import FineTune, source_train_config, write_report
 from common.export import export_onnx
 from common.labels import TASKS
 from common.models import build_model, model_input_config
@@ -138,12 +138,7 @@ def distill_run(
     student_image_size: int | None = None,
     temperature: float = 2.0,
     alpha: float = 0.5,
-    epochs: int | None = None,
-    max_steps: int | None = None,
-    lr: float | None = None,
-    data: Sequence[str] | None = None,
-    export: bool = True,
-    log: Callable[[str], None] | None = None,
+    tune: FineTune = FineTune(),
     **train_overrides,
 ) -> Path:
     """Train `student` (any timm name) on the teacher run's data and split, distilling the teacher.
@@ -151,16 +146,17 @@ def distill_run(
     loss = masked BCE(labels) + alpha * T^2 * KL(sigmoid(teacher / T) || sigmoid(student / T)).
     The student run is a normal run directory (predict, evaluate, export, the app); its
     per-micro-batch loss parts are in distill_loss.csv and the settings in compression.json.
-    student_image_size None: the teacher's input size. epochs None: the teacher's.
+    student_image_size None: the teacher's input size. `tune`: epochs, steps, lr (None: the
+    teacher's), data folders, export.
     """
-    log = log or log_stderr
+    log = tune.logger
     teacher_run, out = Path(teacher_run), Path(out)
     if out.resolve() == teacher_run.resolve():
         raise ValueError(f"--out {out} is the teacher run itself; give a new folder for the student")
     t_cfg = runs.read_config(teacher_run)
     size = int(student_image_size or t_cfg["input"]["image_size"])
-    cfg = source_train_config(teacher_run, out, data=data, model_name=student, image_size=size, epochs=epochs,
-                              max_steps=max_steps, lr=lr, freeze=0, **train_overrides)
+    cfg = source_train_config(teacher_run, out, data=tune.data, model_name=student, image_size=size,
+                              epochs=tune.epochs, max_steps=tune.max_steps, lr=tune.lr, freeze=0, **train_overrides)
     # the student's own preprocessing (timm's mean / std for it), as fit will compute it
     probe = build_model(student, num_labels=len(t_cfg["labels"]), head=cfg.head, pretrained=None,
                         in_chans=cfg.in_chans, image_size=size)
@@ -185,7 +181,7 @@ def distill_run(
         _write_distill_loss(out, loss.parts())
     report = {"method": "distill", **init, "student": student, "student_image_size": size,
               "train": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr}}
-    if export:
+    if tune.export:
         export_onnx(out, out / EXPORT_DIR, int8=True, log=log)
     write_report(out, report)
     return out

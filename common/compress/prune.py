@@ -22,7 +22,7 @@ the sparsity achieved in best.safetensors and in the exported ONNX initialisers 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from common import runs
-from common.compress.base import log_stderr, source_train_config, write_report
+from common.compress.base import FineTune, source_train_config, write_report
 from common.export import export_onnx
 from common.serving import EXPORT_DIR, FP32
 from common.train import FitHooks, fit
@@ -203,32 +203,28 @@ def prune_run(
     structured: bool = False,
     scope: str = "global",
     norm: int = 1,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    lr: float | None = None,
-    data: Sequence[str] | None = None,
-    export: bool = True,
-    log: Callable[[str], None] | None = None,
+    tune: FineTune = FineTune(epochs=1),
     **train_overrides,
 ) -> Path:
     """Prune a run's best weights by magnitude, fine-tune with the masks fixed; return the new run dir.
 
     sparsity: share of the prunable conv/linear weights zeroed (unstructured, `scope` "global" or
     "layer") or of their output channels (structured, by L`norm` norm). The fine-tune is `fit`
-    with the source's configuration (same data and split) for `epochs` / `max_steps` at `lr`
-    (default: a tenth of the source's); max_steps=0 keeps the pruned weights as they are and
-    only scores them. The achieved sparsity of best.safetensors (and of RUN/export/model.onnx when
-    `export`) is measured and written to compression.json; a mask that did not hold is an error.
+    with the source's configuration (same data and split) for `tune.epochs` / `tune.max_steps` at
+    `tune.lr` (default: a tenth of the source's); max_steps=0 keeps the pruned weights as they are
+    and only scores them. The achieved sparsity of best.safetensors (and of RUN/export/model.onnx
+    when `tune.export`) is measured and written to compression.json; a mask that did not hold is an
+    error.
     """
-    log = log or log_stderr
+    log = tune.logger
     run_dir, out = Path(run_dir), Path(out)
     if out.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out} is the source run itself; give a new folder for the pruned run")
     source = runs.load_run(run_dir)
     src_cfg = runs.read_config(run_dir)
     base_lr = float((src_cfg.get("train") or {}).get("lr", 5e-4))
-    cfg = source_train_config(run_dir, out, data=data, epochs=epochs, max_steps=max_steps,
-                              lr=lr if lr is not None else base_lr * PRUNE_LR_FACTOR, **train_overrides)
+    cfg = source_train_config(run_dir, out, data=tune.data, epochs=tune.epochs, max_steps=tune.max_steps,
+                              lr=tune.lr if tune.lr is not None else base_lr * PRUNE_LR_FACTOR, **train_overrides)
     masks = prune_model(source.model, sparsity, structured=structured, scope=scope, norm=norm)
     pruned_state = {k: v.detach().clone() for k, v in source.model.state_dict().items()}
     before = sparsity_report(pruned_state, masks)
@@ -255,7 +251,7 @@ def prune_run(
               "fine_tune": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr}}
     log(f"prune: {out / runs.BEST}: {achieved['pruned_sparsity']:.2%} of the prunable weights are zero "
         f"({achieved['overall_sparsity']:.2%} of all parameters)")
-    if export:
+    if tune.export:
         exp = export_onnx(out, out / EXPORT_DIR, log=log)
         report["onnx"] = onnx_weight_sparsity(exp / FP32)
         log(f"prune: {exp / FP32}: {report['onnx']['weight_sparsity']:.2%} of the weight tensors' values are zero")

@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from common import runs
+from common.compress.base import FineTune
 from common.compress.distill import DEFAULT_STUDENT, distill_run
 from common.compress.measure import measure_table, split_images
 from common.compress.prune import PRUNE_LR_FACTOR, prune_run
@@ -98,7 +99,7 @@ def cached_distill(teacher_run: Path, runs_root: Path, student: str, image_size:
               "epochs": epochs, "max_steps": max_steps, "lr": lr, "pretrained": pretrained}
     return cached_compress("distill", teacher_run, params, runs_root, lambda out: distill_run(
         teacher_run, out, student=student, student_image_size=image_size, temperature=temperature, alpha=alpha,
-        epochs=epochs, max_steps=max_steps, lr=lr, pretrained=pretrained, **fit_common))
+        tune=FineTune(epochs=epochs, max_steps=max_steps, lr=lr), pretrained=pretrained, **fit_common))
 
 
 def compression_experiment(ck: CompressionKnobs | None = None, knobs: Knobs | None = None, **kw: Any) -> Experiment:
@@ -168,7 +169,7 @@ def _pruned_runs(s: Setup, exp: Experiment, teacher_name: str, teacher_run: Path
                   "max_steps": s.profile.max_steps, "lr": (s.knobs.lr or s.profile.lr) * PRUNE_LR_FACTOR}
         run_dir, reused = cached_compress("prune", teacher_run, params, s.runs, lambda out, p=params: prune_run(
             teacher_run, out, p["sparsity"], structured=p["structured"], scope="layer" if p["structured"] else "global",
-            epochs=p["epochs"], max_steps=p["max_steps"], lr=p["lr"], **fit_common))
+            tune=FineTune(epochs=p["epochs"], max_steps=p["max_steps"], lr=p["lr"]), **fit_common))
         pruned.append(run_dir)
         role = f"{teacher_name} pruned {sparsity:.0%}" + (" channels" if structured else "")
         exp.runs[role] = RunRef(role, run_dir, teacher_name, runs.read_config(run_dir)["model"]["model_name"], reused)
