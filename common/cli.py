@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from common.io import WriteError
+
 # name -> module under common.commands, in the order `--help` lists them.
 COMMANDS = {
     "data": "data",
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except WriteError as err:  # a full disk or a read-only folder: the message names the file and what to do
+        print(f"error: {err.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

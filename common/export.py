@@ -39,11 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from common import runs
+from common.cache import file_lock
 from common.images import UnreadableImage
-from common.io import atomic_write_bytes, save_json
+from common.io import atomic_write_bytes, commit_staged, discard_staged, full_disk_hint, save_json, staged_path
 from common.onnx_predict import _NumpyHead, open_session, session_options
-from common.serving import (EXPORT_DIR, FP32, HEAD_NPZ, INT8, ONNX_META, OPT_CACHE, expand_inputs, load_image, prepare,
-                            sigmoid, stale_reason)
+from common.serving import (EXPORT_DIR, EXPORT_LOCK, FP32, HEAD_NPZ, INT8, ONNX_META, OPT_CACHE, expand_inputs,
+                            load_image, prepare, sigmoid, stale_reason)
 from common.splits import split_paths
 
 FORMAT = "medimaging-onnx"
@@ -157,6 +158,8 @@ def _torch_export(module, example, path: Path, outputs: list[str], opset: int | 
                 opset_version=opset, verbose=False)
             program.save(str(path))
         return "dynamo"
+    except OSError:  # the disk, not the model: no other exporter can help
+        raise
     except Exception as err:  # an architecture torch.export cannot trace: the older exporter often can
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         log(f"export: the dynamo exporter failed ({type(err).__name__}: {first[:200]}); "
@@ -207,7 +210,8 @@ def _onnx_opset(path: Path) -> int:
 
 def _export_checked(model, out: Path, input_cfg: dict, with_features: bool, opset: int | None,
                     log: Callable[[str], None]) -> tuple[str, float, int]:
-    """Write out/model.onnx only if its logits match torch's within PARITY_ATOL: (exporter, max diff, images)."""
+    """Stage out/model.onnx (`common.io.staged_path`) only if its logits match torch's within PARITY_ATOL:
+    (exporter, max diff, images)."""
     import onnxruntime as ort
     import torch
 
@@ -231,20 +235,10 @@ def _export_checked(model, out: Path, input_cfg: dict, with_features: bool, opse
                 f"{out / FP32}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_ATOL}); the export is "
                 f"not faithful for {name} with the {exporter} "
                 "exporter. Try another --opset, or report the model name.")
-        os.replace(tmp, out / FP32)
+        os.replace(tmp, staged_path(out / FP32))
     finally:
         tmp.unlink(missing_ok=True)
     return exporter, diff, int(len(x))
-
-
-def _write_head(out: Path, head_arrays: dict[str, np.ndarray] | None) -> None:
-    """head.npz for the numpy Grad-CAM; removed when this model has none (an older export's is wrong now)."""
-    if head_arrays is None:
-        (out / HEAD_NPZ).unlink(missing_ok=True)
-        return
-    buf = io.BytesIO()
-    np.savez(buf, **head_arrays)
-    atomic_write_bytes(out / HEAD_NPZ, buf.getvalue())
 
 
 def _export_meta(labels: list[str], thresholds: dict[str, float] | None, input_cfg: dict, cam: dict,
@@ -293,24 +287,37 @@ def export_model(
     log = log or _stderr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if int8 and not calibration_images:
+        raise ExportError(f"{out}: --int8 needs calibration images (dev-split images of the run's data, "
+                          "or a folder: --calibration DIR)")
     model = model.cpu().eval()
     cam, head_arrays = cam_support(model, input_cfg)
     with_features = cam["method"] == "numpy"
-    exporter, diff, n_checked = _export_checked(model, out, input_cfg, with_features, opset, log)
-    _write_head(out, head_arrays if with_features else None)
-    opset = _onnx_opset(out / FP32)
+    # every file is staged first and renamed into place at the end: a failure leaves the previous export
+    # whole; the lock keeps two processes exporting the same folder (app sessions) from mixing their files
+    with file_lock(out / EXPORT_LOCK):
+        try:
+            exporter, diff, n_checked = _export_checked(model, out, input_cfg, with_features, opset, log)
+            if with_features:  # head.npz: the head's weights for the numpy Grad-CAM
+                buf = io.BytesIO()
+                np.savez(buf, **head_arrays)
+                atomic_write_bytes(staged_path(out / HEAD_NPZ), buf.getvalue())
+            opset = _onnx_opset(staged_path(out / FP32))
+            info = _export_meta(list(labels), thresholds, input_cfg, cam, exporter, opset, diff, n_checked, meta)
+            if int8:
+                info["int8"] = {**quantize_int8(staged_path(out / FP32), staged_path(out / INT8), calibration_images,
+                                                info["input"], n_calibration=n_calibration, log=log), "file": INT8}
+            save_json(staged_path(out / ONNX_META), info)
+        except BaseException as err:
+            discard_staged(out, [FP32, INT8, HEAD_NPZ, ONNX_META])
+            if isinstance(err, OSError):  # a full disk above all
+                raise ExportError(f"{out}: cannot write the export ({os.strerror(err.errno) if err.errno else err}); "
+                                  f"the previous export there, if any, is unchanged.{full_disk_hint(err)}") from err
+            raise
+        written = [FP32] + ([HEAD_NPZ] if with_features else []) + ([INT8] if int8 else [])
+        commit_staged(out, written + [ONNX_META], remove=[n for n in (HEAD_NPZ, INT8) if n not in written])
     log(f"export: {out / FP32} ({exporter} exporter, opset {opset}); "
         f"max |logit difference| vs torch {diff:.2g} (bound {PARITY_ATOL})")
-    info = _export_meta(list(labels), thresholds, input_cfg, cam, exporter, opset, diff, n_checked, meta)
-    if int8:
-        if not calibration_images:
-            raise ExportError(f"{out}: --int8 needs calibration images (dev-split images of the run's data, "
-                              "or a folder: --calibration DIR)")
-        info["int8"] = quantize_int8(out / FP32, out / INT8, calibration_images, info["input"],
-                                     n_calibration=n_calibration, log=log)
-    else:
-        (out / INT8).unlink(missing_ok=True)
-    save_json(out / ONNX_META, info)
     # optimised graphs cached for the old files are stale now; make this machine's once, here
     shutil.rmtree(out / OPT_CACHE, ignore_errors=True)
     for name in (FP32, INT8) if int8 else (FP32,):

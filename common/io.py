@@ -1,11 +1,15 @@
 """Writing files so that a crash never leaves half of one, and loading weights that cannot run code.
 
 A leaf module (no project imports): `common.runs`, `common.models` and every other writer of a
-run's files build on it. Files are written to a temporary file in the same folder and renamed;
-torch files are read with `weights_only=True`, weights preferably from safetensors.
+run's files build on it. Files are written to a temporary file in the same folder and renamed, so a
+failed write (a full disk: `WriteError`, naming the file) leaves the previous file as it was;
+torch files are read with `weights_only=True`, weights preferably from safetensors, so a
+checkpoint carrying a pickled payload is refused before any of it runs.
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import tempfile
@@ -21,10 +25,33 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only folder). The message names the file and
+    says that its previous version, if any, is unchanged; `errno` is the system's."""
+
+
+def full_disk_hint(err: BaseException) -> str:
+    """What to do after a write failed: " Free some space ..." for a full disk or quota, else ""."""
+    return (" Free some space and run the same command again."
+            if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else "")
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> WriteError:
+    """`err` while writing `path`, as the WriteError users see."""
+    path = Path(path)
+    what = err.strerror or str(err)
+    hint = full_disk_hint(err)
+    kept = "is unchanged" if path.exists() else "was not written"
+    return WriteError(err.errno or errno.EIO, f"{path}: cannot write ({what}); the previous {path.name} {kept}.{hint}")
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
@@ -32,9 +59,33 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def staged_path(path: str | Path) -> Path:
+    """Where a new version of `path` waits, beside it, until `commit_staged` puts it in place: files
+    that belong together (an export folder) are all written first, then renamed, which a full disk
+    cannot fail, so a failure half-way leaves the previous set whole."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.staged")
+
+
+def commit_staged(folder: str | Path, names: list[str], remove: list[str] = ()) -> None:
+    """Rename the staged `names` in `folder` into place, in order, then delete `remove`."""
+    for name in names:
+        os.replace(staged_path(Path(folder) / name), Path(folder) / name)
+    for name in remove:
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+def discard_staged(folder: str | Path, names: list[str]) -> None:
+    for name in names:
+        staged_path(Path(folder) / name).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -82,7 +133,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save through a temporary file + rename (the checkpoint is never half-written)."""
     import torch  # heavy: only the writers of checkpoints pay for it
 
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    # serialised in memory first: torch's own file writer reports a full disk as an opaque
+    # RuntimeError ("unexpected pos"), a plain write as ENOSPC, which WriteError explains
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write(Path(path), lambda f: f.write(buf.getbuffer()))
 
 
 def torch_load_safe(path: str | Path, map_location: str = "cpu") -> Any:

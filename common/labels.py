@@ -46,16 +46,40 @@ TASKS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Finding names as label files write them: any case, '_' or ' ' between words ("pleural thickening").
+_BY_KEY = {" ".join(name.lower().replace("_", " ").split()): name for name in LABELS}
+_NO_FINDING_KEY = NO_FINDING.lower()
+
+
+def split_findings(text: str) -> tuple[list[str], list[str]]:
+    """NIH's `Finding Labels` text ("A|B" or "No Finding") -> (known findings, unknown names).
+
+    Known findings come in LABELS spelling, each once; names match whatever their case and
+    whether words are joined by '_' or ' '. Unknown names (`Covid`, findings of later releases or
+    other hospitals) are returned as written, for the caller to report. Empty text and "No Finding"
+    give ([], []).
+    """
+    known: list[str] = []
+    unknown: list[str] = []
+    for raw in (text or "").split("|"):
+        name = raw.strip()
+        key = " ".join(name.lower().replace("_", " ").split())
+        if not key or key == _NO_FINDING_KEY:
+            continue
+        label = _BY_KEY.get(key)
+        if label is None:
+            unknown.append(name)
+        elif label not in known:
+            known.append(label)
+    return known, unknown
+
+
 def parse_findings(text: str) -> list[str]:
-    """Split NIH's `Finding Labels` text ("A|B" or "No Finding") into finding names.
+    """The known findings of a `Finding Labels` text (see `split_findings`).
 
     Raises ValueError for a name that is not one of the 14 findings.
     """
-    text = (text or "").strip()
-    if not text or text == NO_FINDING:
-        return []
-    names = [t.strip() for t in text.split("|") if t.strip()]
-    unknown = [n for n in names if n not in LABELS and n != NO_FINDING]
+    known, unknown = split_findings(text)
     if unknown:
         raise ValueError(f"unknown finding(s) {unknown}; expected some of {list(LABELS)} or {NO_FINDING!r}")
-    return [n for n in names if n != NO_FINDING]
+    return known

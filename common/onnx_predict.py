@@ -103,7 +103,15 @@ def open_session(model_file: str | os.PathLike, threads: int | None = None, cach
             so.optimized_model_filepath = str(tmp)
         except OSError:  # read-only export folder: no cache
             tmp = None
-    session = ort.InferenceSession(str(model_file), so, providers=providers)
+    try:
+        session = ort.InferenceSession(str(model_file), so, providers=providers)
+    except Exception:
+        if tmp is None:
+            raise
+        # writing the optimised copy failed (a full disk): serve the model without the cache
+        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+        session = ort.InferenceSession(str(model_file), session_options(threads), providers=providers)
     if tmp is not None:
         try:
             os.replace(tmp, cached)  # atomic: concurrent first loads each write their own temp file
@@ -111,6 +119,31 @@ def open_session(model_file: str | os.PathLike, threads: int | None = None, cach
         except OSError:
             Path(tmp).unlink(missing_ok=True)
     return session, None
+
+
+_REEXPORT = "make the export again with `medimaging export --run RUN`"
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """model.json, checked for what serving needs; OnnxModelError naming the file otherwise."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise OnnxModelError(f"{meta_path}: not valid JSON ({err}); {_REEXPORT}") from None
+    if not isinstance(meta, dict):
+        raise OnnxModelError(f"{meta_path}: not an export description (a JSON object); {_REEXPORT}")
+    for key in ("labels", "input", "thresholds", "outputs"):
+        if key not in meta:
+            raise OnnxModelError(f"{meta_path}: missing key {key!r}; {_REEXPORT}")
+    labels, inp = meta["labels"], meta["input"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise OnnxModelError(f"{meta_path}: 'labels' must be a non-empty list of names; {_REEXPORT}")
+    if not isinstance(inp, dict) or not isinstance(inp.get("image_size"), int) or \
+            not all(isinstance(inp.get(k), list) for k in ("mean", "std")):
+        raise OnnxModelError(f"{meta_path}: 'input' must give image_size, mean and std; {_REEXPORT}")
+    if not isinstance(meta["thresholds"], dict) or not isinstance(meta["outputs"], dict):
+        raise OnnxModelError(f"{meta_path}: 'thresholds' and 'outputs' must be objects; {_REEXPORT}")
+    return meta
 
 
 class OnnxPredictor(Predictor):
@@ -121,14 +154,7 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: str | os.PathLike, int8: bool = False, threads: int | None = None,
                  fast_jpeg: bool = True, cache: bool = True):
         self.source = resolve_export_dir(path)
-        meta_path = self.source / ONNX_META
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise OnnxModelError(f"{meta_path}: not valid JSON ({err}); re-run `medimaging export`") from None
-        for key in ("labels", "input", "thresholds", "outputs"):
-            if key not in meta:
-                raise OnnxModelError(f"{meta_path}: missing key {key!r}; re-run `medimaging export --run RUN`")
+        meta = _read_meta(self.source / ONNX_META)
         self.meta = meta
         self.labels = list(meta["labels"])
         self.thresholds = {k: float(meta["thresholds"].get(k, 0.5)) for k in self.labels}
@@ -143,11 +169,36 @@ class OnnxPredictor(Predictor):
             raise OnnxModelError(f"{model_file}: not found; run `medimaging export --run RUN{hint}`"
                                  + (f" (run: {meta.get('run_dir')})" if meta.get("run_dir") else ""))
         self.model_file = model_file
-        self.session, self.optimized_file = open_session(model_file, threads, cache=cache)
+        try:
+            self.session, self.optimized_file = open_session(model_file, threads, cache=cache)
+        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, ...: a truncated or damaged file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise OnnxModelError(f"{model_file}: not a loadable ONNX model ({first}); the file is damaged or "
+                                 f"incomplete: {_REEXPORT}") from None
         self.stale = stale_reason(self.source, int8=self.int8) is not None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_shapes()
         self._head: _NumpyHead | None = None
+
+    def _check_shapes(self) -> None:
+        """model.json must describe this graph: its labels one per logit, its input size and channels."""
+        meta_path = self.source / ONNX_META
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        logits = self.meta["outputs"].get("logits")
+        if logits not in outputs:
+            raise OnnxModelError(f"{meta_path} names the output {logits!r}, which {self.model_file.name} does not "
+                                 f"have (it has {sorted(outputs)}): {_REEXPORT}")
+        n = outputs[logits][-1] if outputs[logits] else None
+        if isinstance(n, int) and n != len(self.labels):
+            raise OnnxModelError(f"{meta_path} lists {len(self.labels)} labels but {self.model_file.name} outputs "
+                                 f"{n} logits: the folder mixes files of two exports; {_REEXPORT}")
+        shape = self.session.get_inputs()[0].shape
+        want = [int(self.input.get("in_chans", 3)), int(self.input["image_size"]), int(self.input["image_size"])]
+        got = list(shape[1:]) if len(shape) == 4 else shape
+        if len(shape) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
+            raise OnnxModelError(f"{meta_path} describes inputs [batch, {', '.join(map(str, want))}] but "
+                                 f"{self.model_file.name} takes {shape}: {_REEXPORT}")
 
     # -- prediction
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -194,8 +245,12 @@ class _NumpyHead:
     def __init__(self, layers: list[dict], weights: Path):
         if not weights.is_file():
             raise OnnxModelError(f"{weights}: head weights for Grad-CAM not found; re-run `medimaging export`")
-        with np.load(weights) as npz:
-            self.arrays = {k: npz[k].astype(np.float64) for k in npz.files}
+        try:
+            with np.load(weights) as npz:  # allow_pickle=False: an object array is refused, never run
+                self.arrays = {k: npz[k].astype(np.float64) for k in npz.files}
+        except Exception as err:  # truncated zip, pickled arrays, ...
+            raise OnnxModelError(f"{weights}: head weights for Grad-CAM cannot be read ({err}); "
+                                 "re-run `medimaging export`") from None
         self.layers = layers
         for layer in layers:
             if layer["op"] not in ("linear", "relu", "leaky_relu", "identity"):

@@ -51,6 +51,7 @@ INT8 = "model.int8.onnx"
 ONNX_META = "model.json"
 HEAD_NPZ = "head.npz"
 OPT_CACHE = ".ort-optimized"
+EXPORT_LOCK = ".lock"  # held while one process writes the folder
 
 PREDICTIONS_IMAGE_COLUMN = "Image Index"  # NIH's name for the image column, so label files and predictions join
 

@@ -12,6 +12,16 @@ import pytest
 
 from common.paths import SAMPLE_DATA_ENV, sample_data_dir
 
+# pyproject's `timeout` bounds every test; those marked slow (real trainings, torchrun, browsers) get
+# this much instead, unless they carry their own @pytest.mark.timeout.
+SLOW_TEST_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
 
 @pytest.fixture(scope="session")
 def sample_data() -> Path:

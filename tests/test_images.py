@@ -3,25 +3,15 @@ from __future__ import annotations
 
 import io
 import pickle
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.images import MAX_PIXELS, UnreadableImage, read_grayscale, read_resized
+from filemakers import bomb_png, dicom_bytes
 
 RGBA_IDS = ("00001369_000.png", "00004934_000.png", "00005224_000.png", "00005813_000.png")
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG whose header claims width x height (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture
@@ -104,8 +94,8 @@ def _broken_files(tmp_path, nih_sample) -> dict:
         "truncated": (real[: len(real) // 3], "truncat"),
         "zero_byte": (b"", "empty"),
         "text": (b"Image Index,Finding Labels\nthis is not a png\n", "not an image"),
-        "bomb": (_png_header_only(100_000, 100_000), "too large"),
-        "big": (_png_header_only(8000, 8000), "too large"),
+        "bomb": (bomb_png(100_000, 100_000), "too large"),
+        "big": (bomb_png(8000, 8000), "too large"),
     }
     out = {}
     for name, (data, reason) in files.items():
@@ -144,25 +134,6 @@ def test_read_resized_reports_instead_of_raising(tmp_path, nih_sample):
     assert pixels is None and "empty" in reason
 
 
-def _dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16) -> bytes:
-    """A DICOM file (explicit VR little endian) holding `pixels` as they are stored."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_dicom_reads_like_the_png_it_came_from(tmp_path, nih_sample):
     """8- and 16-bit DICOM, MONOCHROME2 and (inverted) MONOCHROME1, from a path, bytes or a file
     object, by the DICM marker or the .dcm name; `load_image` (every predictor) takes them too."""
@@ -171,8 +142,8 @@ def test_dicom_reads_like_the_png_it_came_from(tmp_path, nih_sample):
 
     src = read_grayscale(nih_sample / "images" / "00000211_000.png")
     expected = np.rint((src.astype(float) - src.min()) * 255.0 / (src.max() - src.min()))
-    cases = {"8bit.dcm": _dicom(src, bits=8), "16bit.dcm": _dicom(src.astype(np.uint16) * 257),
-             "mono1": _dicom(65535 - src.astype(np.uint16) * 257, "MONOCHROME1")}
+    cases = {"8bit.dcm": dicom_bytes(src, bits_allocated=8), "16bit.dcm": dicom_bytes(src.astype(np.uint16) * 257),
+             "mono1": dicom_bytes(65535 - src.astype(np.uint16) * 257, "MONOCHROME1")}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         for source in (tmp_path / name, data, io.BytesIO(data)):
@@ -184,7 +155,7 @@ def test_dicom_reads_like_the_png_it_came_from(tmp_path, nih_sample):
     with pytest.raises(UnreadableImage, match="not a readable DICOM file"):
         read_grayscale(tmp_path / "fake.dcm")
     with pytest.raises(UnreadableImage, match="blank"):
-        read_grayscale(_dicom(np.full((8, 8), 7, np.uint8), bits=8))
+        read_grayscale(dicom_bytes(np.full((8, 8), 7, np.uint8), bits_allocated=8))
 
 
 def test_dicom_without_pydicom_says_how_to_get_it(monkeypatch, tmp_path):

@@ -32,3 +32,7 @@ def open_fraction(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+STRICT_HELP = ("refuse a label file with any problem row (an unknown finding, a malformed row) instead of "
+               "keeping or skipping such rows")

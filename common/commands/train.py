@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common.commands._types import non_negative_int, positive_int
+from common.commands._types import STRICT_HELP, non_negative_int, positive_int
 from common.train_config import HEADS, TrainConfig
 
 HELP = "train a model (any timm backbone) and write a run directory; rerun to resume"
@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", action="append", metavar="DIR", default=None,
                    help="dataset folder in any layout (NIH official, dataset_full, dataset_cardiomegaly); repeat to "
                         "combine; default: dataset_full/ and dataset_cardiomegaly/, else the synthetic set")
+    g.add_argument("--strict", action="store_true", help=STRICT_HELP)
     g.add_argument("--task", choices=sorted(TASKS), default=_D.task,
                    help=f"'cardiomegaly' = stage 1 (one output), 'all14' = stage 2 (default: {_D.task})")
     g.add_argument("--split", dest="split_fractions", nargs=3, type=float, metavar=("TRAIN", "DEV", "TEST"),
@@ -95,12 +96,14 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from common.io import load_json
+    from common.labelfiles import strict_labels
     from common.metrics import format_table
     from common.runs import METRICS_JSON
     from common.train import fit
 
     cfg = config_from_args(args).validate()
-    run_dir = fit(cfg)
+    with strict_labels(args.strict):  # read where fit loads the label files
+        run_dir = fit(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"run directory: {run_dir}")

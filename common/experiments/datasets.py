@@ -13,12 +13,13 @@ from typing import Any
 import pandas as pd
 
 from common.data import DatasetError, combine, default_data_dirs, detect_layout, load_dataset
+from common.labelfiles import strict_default
 from common.paths import DATASET_CARDIOMEGALY, DATASET_FULL, REPO_ROOT, find_data_dir, has_data
 
 
 @functools.lru_cache(maxsize=32)
-def _load_dataset_cached(root: str, stamp: tuple) -> Any:
-    return load_dataset(root, quiet=True)
+def _load_dataset_cached(root: str, stamp: tuple, strict: bool) -> Any:
+    return load_dataset(root, quiet=True, strict=strict)
 
 
 def _label_files(root: Path) -> tuple:
@@ -32,12 +33,13 @@ def _label_files(root: Path) -> tuple:
 
 
 def load_data(root: str | Path):
-    """`common.data.load_dataset(root)`, memoised while its label files are unchanged."""
+    """`common.data.load_dataset(root)`, memoised while its label files (and the strict mode,
+    $MEDIMAGING_STRICT_LABELS) are unchanged."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found (give a folder in the NIH, dataset_full or "
                            "dataset_cardiomegaly layout; see dataset_full/README.md)")
-    return _load_dataset_cached(str(root), _label_files(root))
+    return _load_dataset_cached(str(root), _label_files(root), strict_default(None))
 
 
 @functools.lru_cache(maxsize=256)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import runs as runfiles
-from common.cache import STORE_LOCK, STORE_VERSION, cache_root
+from common.cache import INDEX_FILE, STORE_LOCK, STORE_VERSION, cache_root
 from common.experiments.runcache import RUN_LOCK, is_finished, runs_dir
 from common.synthetic import synthetic_root
 
@@ -85,7 +85,7 @@ def inventory(cache: Path | None = None, runs: Path | None = None) -> list[Entry
 
 
 def _count_images(store: Path) -> int:
-    index = store / "index.sqlite"
+    index = store / INDEX_FILE
     if not index.is_file():
         return 0
     try:
