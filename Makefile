@@ -15,6 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
+# writes results/local/ (ignored by git); the committed results/ stay as they are
 reproduce: setup
 	$(VENV)/bin/medimaging reproduce
 

@@ -1,10 +1,12 @@
 """MedImaging demo: upload a chest X-ray, see the 14 findings and where the model looked.
 
-    .venv/bin/streamlit run app/app.py          # runs under $MEDIMAGING_RUNS, else runs/ and results/
+    .venv/bin/streamlit run app/app.py          # runs under $MEDIMAGING_RUNS, else the run cache, runs/, results/
 
-A thin view: it reads its settings and shows; `common` does the work. Models are found by
-`common.catalog`, uploads decoded by `common.images` (DICOM too, with pydicom), predictions made by
-`common.onnx_predict` (ONNX Runtime), overlays by `common.explain`. Predicting never
+A thin view: it reads its settings and shows; `common` does the work. Models are found and named by
+`common.catalog` (grouped by experiment and role, as `medimaging reproduce` recorded them; the page
+opens on the best stage-2 run by test mean AUROC, real data before synthetic), uploads decoded by
+`common.images` (DICOM too, with pydicom), predictions made by `common.onnx_predict` (ONNX
+Runtime), overlays by `common.explain`. Predicting never
 imports torch: a run without an ONNX export is exported once, in a separate process
 (`medimaging export`). Grad-CAM is computed in numpy for CNNs; only models whose Grad-CAM needs
 torch (ViTs) import it, lazily, when an overlay is asked for, and the page says so.
@@ -13,31 +15,38 @@ When the export folder also holds an int8 model (`medimaging export --run RUN --
 `medimaging compress --method int8`), the sidebar offers fp32 / int8; fp32, the reference, is the
 default.
 
-Settings (environment): MEDIMAGING_RUNS (folders with runs, separated by the OS path separator),
-MEDIMAGING_MAX_UPLOAD_MB (default 50).
+Settings (environment), none needed: MEDIMAGING_RUNS (folders with runs, separated by the OS path
+separator; default: the run cache, then runs/ and results/), MEDIMAGING_MAX_UPLOAD_MB (default 50).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
-from common.catalog import describe_model, find_models, model_roots
+from common.catalog import catalog, default_entry, model_roots
 from common.images import UnreadableImage, dicom_available, read_grayscale
 from common.onnx_predict import OnnxPredictor
 from common.serving import EXPORT_DIR, FP32, INT8, OnnxModelError, needs_export, resolve_export_dir
 
 MAX_UPLOAD_MB = float(os.environ.get("MEDIMAGING_MAX_UPLOAD_MB", "50"))
+UPLOAD_SLOTS = 2  # uploads decoded and predicted at once, whatever the number of sessions (see upload_slots)
 CHART_ROW_PX = 26  # bar chart height per finding: every label stays readable
 PRECISIONS = {"fp32": FP32, "int8": INT8}  # fp32 first: the reference accuracy is the default
 DISCLAIMER = ("**Research prototype - not for diagnosis.** The probabilities come from a model trained on "
               "NIH ChestX-ray14's text-mined labels; they are not validated for clinical use and must not "
               "guide the care of any patient.")
+# The empty page's advice: commands that work on a fresh clone (tests/test_newcomer.py runs them).
+MAKE_A_RUN = (
+    "make reproduce   # every experiment (~20 min on a 2-core CPU); this page then opens on its best stage-2 run\n"
+    "# or one run in a few minutes:\n"
+    ".venv/bin/medimaging train --task all14 --model efficientnet_b0 --image-size 64 --epochs 1 --out runs/first")
 # What `medimaging export --run RUN` does when needed (common.export.ensure_export), without the whole CLI.
 EXPORT_CODE = "import sys; from common.export import ensure_export; ensure_export(sys.argv[1], int8=False)"
 
@@ -78,6 +87,14 @@ def served_caption(model_file: Path, meta: dict) -> str:
         text += (f": {q.get('method', 'int8')} quantisation, probabilities within "
                  f"{q['max_abs_prob_diff_vs_fp32']:.2g} of fp32 on {q.get('n_compared', '?')} calibration images")
     return text + "."
+
+
+@st.cache_resource
+def upload_slots() -> threading.BoundedSemaphore:
+    """How many uploads are decoded and predicted at once, shared by every session of the server (a
+    cached resource outlives reruns): a 50 MP upload decodes to ~0.4 GB, and on a small CPU more at
+    once only queue for the same cores."""
+    return threading.BoundedSemaphore(UPLOAD_SLOTS)
 
 
 def decode_upload(name: str, data: bytes) -> np.ndarray:
@@ -146,22 +163,26 @@ def main() -> None:
     st.warning(DISCLAIMER)
 
     roots = model_roots(os.environ.get("MEDIMAGING_RUNS"))
-    models = find_models(roots)
+    entries = catalog(roots)
     with st.sidebar:
         st.header("Model")
-        if not models:
+        if not entries:
             st.info("No run found.")
-    if not models:
+    if not entries:
         where = ", ".join(str(r) for r in roots)
         st.info(
-            f"No trained run found under {where}. Make one, then reload this page:\n\n"
-            "```bash\nmedimaging train --data dataset_full --task all14 --model efficientnet_b0 --out runs/all14\n"
-            "medimaging export --run runs/all14   # optional: the app exports on first use\n```\n"
+            f"No trained run found under {where}. From the checkout, make one, then reload this page "
+            "(on a fresh clone both train on the suite's synthetic data; put NIH data in dataset_full/ first "
+            f"for real results):\n\n```bash\n{MAKE_A_RUN}\n```\n"
             "or point the app to your runs with `MEDIMAGING_RUNS=/path/to/runs streamlit run app/app.py`.")
         return
+    by_path = {e.path: e for e in entries}
     with st.sidebar:
-        choice = st.selectbox("Run (newest first)", models, index=0, format_func=describe_model, key="run")
-        st.caption(str(choice))
+        choice = st.selectbox("Run (grouped by experiment)", list(by_path), index=entries.index(default_entry(entries)),
+                              format_func=lambda p: by_path[p].label, key="run",
+                              help="Opens on the best stage-2 run by test mean AUROC, real data before synthetic.")
+        st.caption(by_path[choice].label)  # in full: the picker cuts long lines
+        st.caption(by_path[choice].details)
     try:
         export_dir = export_folder(Path(choice))
     except (OnnxModelError, FileNotFoundError, ValueError) as err:
@@ -195,16 +216,15 @@ def main() -> None:
     if upload is None:
         st.info("Upload a frontal chest X-ray to see the 14 findings.")
         return
-    data = upload.getvalue()
-    try:
-        gray = decode_upload(upload.name, data)
-    except UnreadableImage as err:
-        st.error(f"Could not read {upload.name}: {err.reason}. Upload a PNG or JPEG chest X-ray.")
-        return
-
-    t0 = time.perf_counter()
-    pred = predictor.predict(gray, name=upload.name)
-    ms = (time.perf_counter() - t0) * 1000
+    with upload_slots():  # however many sessions upload at once, a few decode at a time: memory stays bounded
+        try:
+            gray = decode_upload(upload.name, upload.getvalue())
+        except UnreadableImage as err:
+            st.error(f"Could not read {upload.name}: {err.reason}. Upload a PNG or JPEG chest X-ray.")
+            return
+        t0 = time.perf_counter()
+        pred = predictor.predict(gray, name=upload.name)
+        ms = (time.perf_counter() - t0) * 1000
     import pandas as pd
 
     table = pd.DataFrame({

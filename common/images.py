@@ -29,10 +29,11 @@ from common.preprocess import resize_gray
 # few hundred bytes and decoding it would exhaust memory (a "decompression bomb").
 MAX_PIXELS = 50_000_000
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"})
-# Named so a .dcm file is read as DICOM; not in IMAGE_EXTENSIONS, so folders (datasets, `predict DIR`)
-# keep collecting what they did: a named DICOM file is read, a folder of them is not searched yet.
+# A file with one of these names is read as DICOM (`read_dicom`), whatever its first bytes.
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+# The image files a folder contributes (datasets: `common.data.index_images`; `medimaging predict DIR`):
+# DICOM too, so a folder of .dcm files is indexed like one of PNGs.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}) | DICOM_EXTENSIONS
 DICOM_PREAMBLE = 128  # a DICOM file: 128 bytes of preamble, then "DICM"
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
@@ -141,6 +142,9 @@ def read_dicom(data: bytes, where: str = "<in-memory image>", max_pixels: int = 
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as err:
         raise UnreadableImage(where, f"not a readable DICOM file ({err})") from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UnreadableImage(where, "DICOM file without an image (no Pixel Data element: a report, a "
+                                     "structured document or a header-only file)")
     _check_size(int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0), where, max_pixels)
     try:
         arr = ds.pixel_array

@@ -13,6 +13,7 @@ loading a run's weights into a model (`load_run`, `init_from`).
       split.csv              image, patient, split: the run's train/dev/test split (common.splits reads it)
       unreadable.csv         path, reason: images the run skipped because they could not be decoded
       roc.png                the test split's ROC curves
+      events.out.tfevents.*  TensorBoard scalars per epoch (when tensorboard is installed)
 
 config.json keys:
   "model":  kwargs of `common.models.build_model` except `pretrained`
@@ -45,7 +46,7 @@ from common.io import (
 
 __all__ = [
     "CONFIG", "METRICS_CSV", "LOG", "LAST", "BEST", "THRESHOLDS", "METRICS_JSON", "TEST_PREDICTIONS", "SPLIT_CSV",
-    "UNREADABLE_CSV", "ROC_PNG", "Run", "read_config", "read_thresholds", "weights_file", "load_run", "init_from",
+    "UNREADABLE_CSV", "ROC_PNG", "TENSORBOARD_EVENTS", "Run", "read_config", "read_thresholds", "weights_file", "load_run", "init_from",
     "find_runs",
     # re-exported from common.io, where they live
     "atomic_write_bytes", "atomic_write_text", "save_json", "load_json", "atomic_torch_save", "torch_load_safe",
@@ -63,6 +64,7 @@ TEST_PREDICTIONS = "test_predictions.csv"
 SPLIT_CSV = "split.csv"
 UNREADABLE_CSV = "unreadable.csv"
 ROC_PNG = "roc.png"
+TENSORBOARD_EVENTS = "events.out.tfevents.*"  # a glob: TensorBoard names its event files itself
 
 
 @dataclass

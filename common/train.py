@@ -17,6 +17,8 @@ What a run does, top to bottom (`fit`):
      AUROC is undefined); early stopping; `max_steps` for smoke runs.
   4. end: best weights predict the test split -> test_predictions.csv, thresholds tuned on dev ->
      thresholds.json, metrics.json (test metrics + "dev" + "run"), roc.png.
+Each scored epoch also goes to TensorBoard's event files in the run folder (`tensorboard --logdir`
+on the run cache shows every run; `common.train_state.TensorBoardLog`).
 
 The loop reads top to bottom in `_fit`: resume or start, data, model, `_setup_loop` (device, DDP,
 loaders, schedule, optimiser), `_train` (epochs of `_train_epoch`, each ending in `_end_epoch`,
@@ -74,6 +76,7 @@ from common.train_data import (
 from common.train_state import (
     LoopState,
     RunLog,
+    TensorBoardLog,
     check_same_run,
     micro_seed,
     save_checkpoint,
@@ -171,6 +174,7 @@ class _Loop:
     dev: EvalSplit
     test: EvalSplit
     init_info: dict | None  # config.json["init"], also kept in each checkpoint
+    tensorboard: TensorBoardLog  # each scored epoch's scalars
 
 
 def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks | None = None) -> Path:
@@ -212,8 +216,11 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks
                 f"(was {ckpt['scheduler'].get('total_steps')})")
         del ckpt  # free the host copy of the weights
 
-    _train(loop, state)
-    return _finish(loop, state)
+    try:
+        _train(loop, state)
+        return _finish(loop, state)
+    finally:
+        loop.tensorboard.close()
 
 
 def _resume_or_start(cfg: TrainConfig, out: Path, log: RunLog, info: DistInfo,
@@ -335,10 +342,12 @@ def _setup_loop(cfg: TrainConfig, info: DistInfo, device: torch.device, out: Pat
         pos_weight = torch.from_numpy(pw).to(device)
         log("pos_weight (neg/pos on train): " + ", ".join(f"{n} {w:.2f}" for n, w in zip(data.labels, pw)))
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, fused=cuda or None)
+    # on resume, events logged after the checkpoint's step are dropped (they are logged again)
+    tensorboard = TensorBoardLog(out, log, enabled=info.is_main, resume_step=ckpt["step"] + 1 if ckpt else None)
     return _Loop(cfg=cfg, info=info, device=device, out=out, log=log, show=show, data=data, raw_model=raw_model,
                  model=model, amp=amp, transform=transform, sampler=sampler, loader=loader, n_micro=n_micro,
                  schedule=schedule, optimizer=optimizer, pos_weight=pos_weight, loss_hook=hooks.loss, dev=dev,
-                 test=test, init_info=init_info)
+                 test=test, init_info=init_info, tensorboard=tensorboard)
 
 
 def _train(loop: _Loop, state: LoopState) -> None:
@@ -480,6 +489,7 @@ def _end_epoch(loop: _Loop, state: LoopState, epoch: int, seconds: float, images
         + (" (best)" if improved else f" (no better for {state.bad_epochs} epoch(s))"))
     if info.is_main:
         write_metrics_csv(loop.out / runs.METRICS_CSV, state.history)
+        loop.tensorboard.epoch(state.history[-1], scores.get("auroc"))
     stop = cfg.patience > 0 and state.bad_epochs >= cfg.patience
     if stop:
         log(f"early stop: dev {metric} not better for {cfg.patience} epochs (best epoch {state.best_epoch})")

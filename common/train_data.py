@@ -181,7 +181,7 @@ def predict_logits(model: torch.nn.Module, split: EvalSplit, transform: BatchTra
 
 
 def dev_scores(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
-    """{"loss", "mean_auroc", "mean_accuracy"} of dev logits (None where undefined)."""
+    """{"loss", "mean_auroc", "mean_accuracy", "auroc": {label: AUROC}} of dev logits (None where undefined)."""
     loss = float(masked_bce(torch.from_numpy(logits), torch.from_numpy(y))) if len(y) else None
     prob = sigmoid(logits)
     auroc = per_label_auroc(y, prob, labels)
@@ -189,4 +189,4 @@ def dev_scores(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict:
     defined = [v for v in auroc.values() if v is not None]
     accs = [v for v in acc.values() if v is not None]
     return {"loss": loss, "mean_auroc": float(np.mean(defined)) if defined else None,
-            "mean_accuracy": float(np.mean(accs)) if accs else None}
+            "mean_accuracy": float(np.mean(accs)) if accs else None, "auroc": auroc}

@@ -1,8 +1,8 @@
 """What the training loop writes as it goes and reads back to resume (used by `common.train`).
 
 `LoopState` (where training stands) and checkpoints/last.pt, the per-micro-batch seeds and the
-global RNG states, log.txt (`RunLog`), metrics.csv, and the check that a rerun in the same folder
-is the same run.
+global RNG states, log.txt (`RunLog`), metrics.csv, TensorBoard's event files (`TensorBoardLog`),
+and the check that a rerun in the same folder is the same run.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from common import distributed, runs
 from common.distributed import DistInfo
 from common.train_config import TrainConfig
 
-__all__ = ["LoopState", "RunLog", "write_metrics_csv", "micro_seed", "rng_state", "set_rng_state",
-           "save_checkpoint", "check_same_run", "RESUMABLE_CHANGES"]
+__all__ = ["LoopState", "RunLog", "write_metrics_csv", "TensorBoardLog", "micro_seed",
+           "rng_state", "set_rng_state", "save_checkpoint", "check_same_run", "RESUMABLE_CHANGES"]
 
 # Fields that may differ when resuming (how to run, not what to compute).
 RESUMABLE_CHANGES = {"device", "num_workers", "progress", "eval_batch_size", "checkpoint_every",
@@ -79,6 +79,52 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
     for row in history:
         writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     runs.atomic_write_text(path, buf.getvalue())
+
+
+# TensorBoard's event files, in the run folder itself: `tensorboard --logdir RUNS` names each run
+# by its folder. Written beside metrics.csv, never read back by the suite.
+
+
+class TensorBoardLog:
+    """Each scored epoch as TensorBoard scalars, at its optimiser step: train and dev loss, dev mean
+    AUROC and accuracy, dev AUROC per label, the learning rate (what metrics.csv holds, plus the
+    labels). Rank 0 only. Needs the `tensorboard` package (requirements.txt); without it nothing
+    is written and log.txt says so once. Writing consumes no random numbers: the run's weights and
+    metrics are the same with or without it."""
+
+    def __init__(self, out: Path, log, enabled: bool = True, resume_step: int | None = None):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: imports the tensorboard package
+        except ImportError as err:
+            log(f"no TensorBoard event files ({err}; pip install tensorboard)")
+            return
+        if resume_step is None:  # a fresh start: an earlier run's curves in this folder are not this run's
+            for stale in out.glob(runs.TENSORBOARD_EVENTS):
+                stale.unlink()
+        # purge_step: points an interrupted run logged after its checkpoint are dropped, not doubled
+        self.writer = SummaryWriter(str(out), purge_step=resume_step)
+
+    def epoch(self, row: dict, dev_auroc: dict | None) -> None:
+        """One metrics.csv row (LoopState.history) and the dev AUROC per label of the same epoch."""
+        if self.writer is None:
+            return
+        step = int(row["step"])
+        for tag, key in (("loss/train", "train_loss"), ("loss/dev", "dev_loss"), ("dev/mean_auroc", "dev_mean_auroc"),
+                         ("dev/mean_accuracy", "dev_mean_accuracy"), ("lr", "lr")):
+            if row.get(key) is not None:
+                self.writer.add_scalar(tag, row[key], step)
+        for label, value in (dev_auroc or {}).items():
+            if value is not None:
+                self.writer.add_scalar(f"dev_auroc/{label}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def micro_seed(seed: int, epoch: int, micro: int, rank: int) -> int:

@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import struct
 import subprocess
 import sys
 import time
-import urllib.request
-import zlib
 from pathlib import Path
 
 import pytest
 
+from browser import chromium_and_driver, headless_chrome
 from common.labels import LABELS
 from common.paths import REPO_ROOT
 from common.predict import create_untrained_run
+from filemakers import bomb_png, dicom_bytes
+from streamlit_app import APP, runs_with_one_export, served_app
+from streamlit_app import app_test as _app
 
-REPO = REPO_ROOT
-APP = REPO / "app" / "app.py"
 THRESHOLDS = {name: 0.35 + 0.02 * i for i, name in enumerate(LABELS)}
 # int8 vs fp32 probabilities on the test image: max |difference| measured 2e-4 for the fixture's
 # model (16 calibration images); the bound leaves room for other CPUs' int8 kernels
@@ -38,12 +35,7 @@ def _image(nih_sample: Path, i: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     """A runs folder with one exported CNN run (the newest, so the app's default)."""
-    from common.export import export_onnx
-
-    root = tmp_path_factory.mktemp("app-runs")
-    run = create_untrained_run(root / "cnn", "test_efficientnet", image_size=64, thresholds=THRESHOLDS)
-    export_onnx(run, log=lambda m: None)
-    return root
+    return runs_with_one_export(tmp_path_factory.mktemp("app-runs"), THRESHOLDS)
 
 
 @pytest.fixture(scope="module")
@@ -59,32 +51,11 @@ def int8_root(runs_root, nih_sample, tmp_path_factory) -> Path:
     return root
 
 
-def _app(monkeypatch, root: Path | str, **env):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setenv("MEDIMAGING_RUNS", str(root))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
 def _upload(at, name: str, data: bytes, mime: str = "image/png"):
     at.file_uploader(key="upload").set_value((name, data, mime))
     at.run()
     assert not at.exception, at.exception
     return at
-
-
-def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims a huge image (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _app_module():
@@ -99,27 +70,14 @@ def _app_module():
 
 def test_dicom_upload_is_decoded_with_its_lut_and_photometry(nih_sample):
     pytest.importorskip("pydicom", reason="DICOM uploads are optional: they need pydicom")
-    import io
-
     import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from common.images import read_grayscale
 
     src = read_grayscale(_image(nih_sample, 7))
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows, ds.Columns = src.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"  # white = low values
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (4095 - src.astype(np.uint16) * 16).astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    gray = _app_module().decode_upload("x.dcm", buf.getvalue())
+    # white = low values; 12-bit values in 16-bit words
+    data = dicom_bytes(4095 - src.astype(np.uint16) * 16, "MONOCHROME1", bits_allocated=16, bits_stored=12)
+    gray = _app_module().decode_upload("x.dcm", data)
     expected = np.rint((src.astype(float) - src.min()) * 255.0 / (src.max() - src.min()))
     assert gray.dtype == np.uint8 and np.abs(gray.astype(float) - expected).max() <= 1
 
@@ -131,7 +89,7 @@ def test_upload_decoding_refuses_what_it_cannot_read(monkeypatch, nih_sample):
     data = _image(nih_sample).read_bytes()
     assert app.decode_upload("x.png", data).shape == (1024, 1024)
     with pytest.raises(UnreadableImage, match="too large"):
-        app.decode_upload("bomb.png", _bomb_png())
+        app.decode_upload("bomb.png", bomb_png())
     monkeypatch.setattr(app, "MAX_UPLOAD_MB", 0.01)
     with pytest.raises(UnreadableImage, match="file too large"):
         app.decode_upload("x.png", data)
@@ -176,10 +134,12 @@ def test_a_runs_label_does_not_change_when_its_export_is_written_later(tmp_path)
 
 
 def test_models_are_found_under_the_given_roots_or_the_defaults(tmp_path, int8_root, runs_root):
+    from common import experiments
     from common.catalog import find_models, model_roots
 
     assert model_roots(os.pathsep.join([str(int8_root), str(runs_root)])) == [int8_root, runs_root]
     defaults = model_roots(None)
+    assert defaults[0] == experiments.runs_dir()  # the run cache, where `medimaging reproduce` trains
     assert Path("runs") in defaults and all(r.name in ("runs", "results") for r in defaults)
     assert {r.resolve() for r in defaults} >= {(REPO_ROOT / "runs").resolve(), (REPO_ROOT / "results").resolve()}
     # a run's own export/ is not a second model; a stand-alone export folder is one
@@ -190,7 +150,7 @@ def test_models_are_found_under_the_given_roots_or_the_defaults(tmp_path, int8_r
 def test_no_run_says_how_to_make_one(monkeypatch, tmp_path):
     at = _app(monkeypatch, tmp_path / "empty")
     text = " ".join(i.value for i in at.info)
-    assert "No trained run found" in text and "medimaging train" in text
+    assert "No trained run found" in text and "medimaging train" in text and "make reproduce" in text
     assert any("not for diagnosis" in w.value for w in at.warning)
     assert not at.file_uploader  # nothing to upload to yet
 
@@ -274,7 +234,7 @@ def test_bad_uploads_get_a_message_and_the_app_keeps_working(monkeypatch, runs_r
     at = _app(monkeypatch, runs_root)
     _upload(at, "notes.png", b"these are not pixels")
     assert any("Could not read notes.png" in e.value and "not an image" in e.value for e in at.error)
-    _upload(at, "bomb.png", _bomb_png())
+    _upload(at, "bomb.png", bomb_png())
     assert any("too large" in e.value for e in at.error)
     good = _image(nih_sample, 3).read_bytes()
     _upload(at, "cut.png", good[: len(good) // 3])
@@ -319,86 +279,35 @@ def test_the_app_process_never_imports_torch_for_predicting(runs_root, nih_sampl
 # ------------------------------------------------------------------------------ real browser
 
 
-def _browser() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        msg = ("no Chromium/chromedriver installed (Debian: apt-get install -y chromium chromium-driver); "
-               "the real-browser test of the app cannot run")
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return chromium, driver
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 def test_real_browser_upload_shows_findings(runs_root, nih_sample, tmp_path):
-    chromium, chromedriver = _browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    chromium_and_driver()  # skips (fails under CI) without a browser
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = _free_port()
-    env = {**os.environ, "MEDIMAGING_RUNS": str(runs_root)}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none"]
-    log = (tmp_path / "streamlit.log").open("w")
-    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    driver = None
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (tmp_path / "streamlit.log").read_text()[-3000:]
-            assert time.time() < deadline, "streamlit did not start within 90 s"
-            time.sleep(0.5)
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                    "--window-size=1400,1900"):
-            options.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-        driver.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(driver, 120)
-        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
-        image = _image(nih_sample, 6)
-        upload.send_keys(str(image.resolve()))
-        wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Findings above threshold"))
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stDataFrame']")))
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stVegaLiteChart'] canvas, "
-                                                                    "[data-testid='stVegaLiteChart'] svg")))
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")) >= 2)
-        body = driver.find_element(By.TAG_NAME, "body").text
-        assert "not for diagnosis" in body and image.name in body
-        time.sleep(1.0)  # let the chart finish drawing for the screenshot
-        shot = tmp_path / "app.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
-        # the serving process never loaded torch's native library
-        maps = Path(f"/proc/{server.pid}/maps")
-        if maps.exists():
-            assert "libtorch" not in maps.read_text()
-    finally:
-        if driver is not None:
-            driver.quit()
-        server.terminate()
+    with served_app(runs_root, tmp_path) as (server, url):
+        driver = headless_chrome()
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            driver.get(f"{url}/")
+            wait = WebDriverWait(driver, 120)
+            upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type='file']")))
+            image = _image(nih_sample, 6)
+            upload.send_keys(str(image.resolve()))
+            wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Findings above threshold"))
+            wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stDataFrame']")))
+            wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stVegaLiteChart'] canvas, "
+                                                                        "[data-testid='stVegaLiteChart'] svg")))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img")) >= 2)
+            body = driver.find_element(By.TAG_NAME, "body").text
+            assert "not for diagnosis" in body and image.name in body
+            time.sleep(1.0)  # let the chart finish drawing for the screenshot
+            shot = tmp_path / "app.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+            # the serving process never loaded torch's native library
+            maps = Path(f"/proc/{server.pid}/maps")
+            if maps.exists():
+                assert "libtorch" not in maps.read_text()
+        finally:
+            driver.quit()

@@ -1,14 +1,15 @@
-"""`medimaging reproduce`: execute every experiment notebook and write results/ (tables, figures)."""
+"""`medimaging reproduce`: execute every experiment notebook and write results/local/ (tables, figures)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from common.experiments.notebooks import notebook_names  # light: the table only; papermill loads when running
+from common.commands._types import STRICT_HELP
+# light: the notebook table and the output folder's names; papermill loads when running
+from common.experiments.notebooks import DEFAULT_OUT, RESULTS_DIR, notebook_names
 from common.experiments.profiles import REPRODUCE_PROFILES  # light: dataclasses and the Weights value
 
 HELP = "execute every experiment notebook (papermill) and write OUT/tables.md, figures and executed notebooks"
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-cardiomegaly", metavar="DIR", default=None,
                         help="the Cardiomegaly vs No Finding dataset (train/ test/ train.csv test.csv); "
                              "default dataset_cardiomegaly/")
-    parser.add_argument("--out", metavar="DIR", default="results",
-                        help="output folder: notebooks/, figures/, tables.md (default results/)")
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+                        help=f"output folder: notebooks/, figures/, tables/, tables.md (default {DEFAULT_OUT}/, "
+                             f"ignored by git, beside the committed results of the real NIH sample in {RESULTS_DIR}/)")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
                         help=f"run only these notebooks, in reproduce order: {', '.join(notebook_names())}")
     parser.add_argument("--runs", metavar="DIR", default=None,
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "needs internet), none (random initialisation) or a folder of downloaded weights, "
                              "one per model (NAME.safetensors or NAME/). Default: the profile's "
                              "(quick: none, paper: hub); also $MEDIMAGING_WEIGHTS")
+    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         result = reproduce(
             profile=args.profile, smoke=args.smoke, data_full=args.data_full,
             data_cardiomegaly=args.data_cardiomegaly, out=args.out, only=args.only,
-            runs_dir=args.runs, progress=not args.no_progress, weights=args.weights,
+            runs_dir=args.runs, progress=not args.no_progress, weights=args.weights, strict=args.strict,
         )
     except (ValueError, FileNotFoundError, DatasetError) as err:
         print(f"medimaging reproduce: {err}", file=sys.stderr)

@@ -12,7 +12,7 @@ from common import runs as runfiles
 from common.experiments.plots import figure
 from common.experiments.profiles import BACKBONES, STUDY_MODEL, Knobs
 from common.experiments.records import Experiment
-from common.experiments.runcache import RunRef
+from common.experiments.runcache import STAGE1, RunRef
 from common.experiments.stages import setup, stage1_run, stage2_run
 from common.experiments.tables import Table, baseline_row, model_row, num, pct
 from common.labels import CHEXNET_AUROC, CHEXNET_MEAN_AUROC, LABELS
@@ -142,7 +142,7 @@ def freeze_ablation(model_name: str = STUDY_MODEL, freeze_early: int = 3, knobs:
     s = setup(Knobs.of(knobs, **kw))
     exp = Experiment("freeze_ablation", "Freezing ablation: stage 2 from stage 1", s.profile.label, s.data)
     stage1 = stage1_run(s, model_name)
-    exp.runs["stage 1"] = stage1
+    exp.runs[STAGE1] = stage1
     n_groups = len(backbone_groups(build_model(s.profile.model_for(model_name), num_labels=len(LABELS), pretrained=None)))
     early = max(1, min(int(freeze_early), n_groups - 1))
     variants = [("nothing frozen", 0), (f"early stages frozen (first {early} of {n_groups} groups)", early),

@@ -17,6 +17,7 @@ import pandas as pd
 from common.experiments.datasets import DataSpec, display_path, resolve_data
 from common.experiments.profiles import get_profile
 from common.experiments.records import TABLES_DIR, Experiment, record_runs
+from common.experiments.runcache import STAGE2
 from common.experiments.stages import use_profile_threads
 from common.experiments.tables import Table
 from common.explain import (
@@ -45,7 +46,7 @@ def held_out_images(run: str | os.PathLike) -> set[str]:
 
 
 def recorded_run(out_dir: str | os.PathLike, data: Any = None, notebook: str = "multi_task",
-                 role: str = "stage 2") -> Path:
+                 role: str = STAGE2) -> Path:
     """The run a reproduce notebook recorded in OUT/tables/<notebook>.json under `role` (by default
     the multi-task notebook's stage 2), checked to be on `data` (a DataSpec)."""
     path = Path(out_dir) / TABLES_DIR / f"{notebook}.json"

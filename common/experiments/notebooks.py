@@ -1,10 +1,20 @@
-"""The reproduce order: every experiment notebook, in the order `medimaging reproduce` runs them.
+"""The reproduce order: every experiment notebook, in the order `medimaging reproduce` runs them,
+and where their results go.
 
-Light on purpose (no imports): the command line builds `--only`'s choices from it.
+Light on purpose (no imports): the command line builds `--only`'s choices and `--out`'s default
+from it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+# Where results go (OUT; its layout is common.experiments.records'). A user's own reproduction lands
+# in results/local/, which git ignores, beside the committed results of the real NIH sample in
+# results/ (results/README.md says how they were made), so `make reproduce` leaves the tree clean
+# and the two compare side by side.
+RESULTS_DIR = "results"
+DEFAULT_OUT = "results/local"
 
 
 @dataclass(frozen=True)

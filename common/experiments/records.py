@@ -3,6 +3,9 @@
     OUT/tables/<name>.json   an experiment's record (runs, tables, figures, headline numbers)
     OUT/figures/*.png        the figures it saved
     OUT/tables.md            every record's tables (`write_tables_md`), in reproduce order
+
+OUT is `common.experiments.notebooks.DEFAULT_OUT` (results/local/, ignored by git) unless given;
+the committed results of the real NIH sample are in its `RESULTS_DIR` (results/).
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""`medimaging reproduce`: execute every experiment notebook headlessly and collect `results/`.
+"""`medimaging reproduce`: execute every experiment notebook headlessly and collect OUT (by default
+`results/local/`, ignored by git: the committed results of the real NIH sample in `results/` stay as
+they are, to compare with).
 
     OUT/notebooks/<name>.ipynb   each notebook as executed (kept even when it failed)
     OUT/figures/*.png            plots the notebooks saved
@@ -35,10 +37,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.experiments.datasets import resolve_data
-from common.experiments.notebooks import NOTEBOOKS, Notebook, notebook_names
+from common.experiments.notebooks import DEFAULT_OUT, NOTEBOOKS, Notebook, notebook_names
 from common.experiments.profiles import BACKBONES, REPRODUCE_PROFILES, WEIGHTS_ENV, check_weights, get_profile
 from common.experiments.records import FIGURES_DIR, NOTEBOOKS_DIR, TABLES_DIR, write_tables_md
 from common.experiments.runcache import runs_dir as find_runs_dir
+from common.labelfiles import strict_labels
 from common.paths import REPO_ROOT
 from common.weights import LOCAL
 
@@ -214,18 +217,20 @@ def reproduce(
     smoke: bool = False,
     data_full: str | Path | None = None,
     data_cardiomegaly: str | Path | None = None,
-    out: str | Path = "results",
+    out: str | Path = DEFAULT_OUT,
     only: Sequence[str] | None = None,
     runs_dir: str | Path | None = None,
     progress: bool = True,
     weights: str | Path | None = None,
+    strict: bool = False,
 ) -> ReproduceResult:
     """Execute the notebooks (all, or `only` these) and write OUT/tables.md.
 
     Data folders left None mean `dataset_full/` and `dataset_cardiomegaly/` (found from the working
     directory upwards), or the synthetic default when those are empty. `weights` ("hub", "none" or a
     folder of downloaded weights) overrides the profile's pretrained weights in every notebook (through
-    $MEDIMAGING_WEIGHTS). Never raises for a failing notebook: see `ReproduceResult.failed`.
+    $MEDIMAGING_WEIGHTS). `strict` refuses a label file with any problem row ($MEDIMAGING_STRICT_LABELS).
+    Never raises for a failing notebook: see `ReproduceResult.failed`.
     """
     if profile not in REPRODUCE_PROFILES:
         raise ValueError(f"profile {profile!r}: expected one of {list(REPRODUCE_PROFILES)}")
@@ -238,28 +243,30 @@ def reproduce(
     out = Path(out).expanduser().resolve()
     (out / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
     (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
-    data = resolve_data(data_full, data_cardiomegaly)
-    runs = find_runs_dir(runs_dir)
-    parameters = {
-        "Profile": profile,
-        "Smoke": bool(smoke),
-        "DataFull": data.full,
-        "DataCardiomegaly": data.cardiomegaly,
-        "OutDir": out,
-        # None lets each notebook find the same default cache itself (no machine path in its copy)
-        "RunsDir": runs if runs_dir is not None else None,
-    }
-    print(f"reproduce: profile {prof.label}, data: {data.describe()}", file=sys.stderr)
-    print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
-    result = ReproduceResult(out)
-    with python_kernel() as kernel_name, _environ(WEIGHTS_ENV, weights):
-        bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
-        for nb in bar:
-            bar.set_postfix_str(nb.name)
-            outcome = run_notebook(nb, notebook_parameters(parameters, (root / nb.path).parent, root), out,
-                                   kernel_name, root)
-            result.outcomes.append(outcome)
-            status = "ok" if outcome.ok else f"FAILED ({outcome.error})"
-            tqdm.write(f"{nb.name}: {status} in {outcome.seconds:.0f} s -> {outcome.output}", file=sys.stderr)
+    # strict label files: for the data resolved here and, inherited, in every notebook's kernel
+    with strict_labels(strict):
+        data = resolve_data(data_full, data_cardiomegaly)
+        runs = find_runs_dir(runs_dir)
+        parameters = {
+            "Profile": profile,
+            "Smoke": bool(smoke),
+            "DataFull": data.full,
+            "DataCardiomegaly": data.cardiomegaly,
+            "OutDir": out,
+            # None lets each notebook find the same default cache itself (no machine path in its copy)
+            "RunsDir": runs if runs_dir is not None else None,
+        }
+        print(f"reproduce: profile {prof.label}, data: {data.describe()}", file=sys.stderr)
+        print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
+        result = ReproduceResult(out)
+        with python_kernel() as kernel_name, _environ(WEIGHTS_ENV, weights):
+            bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
+            for nb in bar:
+                bar.set_postfix_str(nb.name)
+                outcome = run_notebook(nb, notebook_parameters(parameters, (root / nb.path).parent, root), out,
+                                       kernel_name, root)
+                result.outcomes.append(outcome)
+                status = "ok" if outcome.ok else f"FAILED ({outcome.error})"
+                tqdm.write(f"{nb.name}: {status} in {outcome.seconds:.0f} s -> {outcome.output}", file=sys.stderr)
     result.tables_md = write_tables_md(out, profile=prof.name)
     return result

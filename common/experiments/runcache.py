@@ -105,6 +105,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
+# The roles of the study's two stages in the experiment records (RunRef.role): the app's catalog
+# (common.catalog) tells them from ablation rows and compressed variants by these names.
+STAGE1 = "stage 1"  # Cardiomegaly vs No Finding
+STAGE2 = "stage 2"  # 14 labels, started from stage 1
+WITHOUT_STAGE1 = "stage 2 without stage 1"  # 14 labels from the profile's initialisation
+
 RUN_LOCK = ".lock"  # in each cached run folder: held while the run trains
 
 

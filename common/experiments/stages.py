@@ -13,7 +13,7 @@ from pathlib import Path
 from common.cache import default_workers
 from common.experiments.datasets import DataSpec, resolve_data
 from common.experiments.profiles import Knobs, Profile, get_profile
-from common.experiments.runcache import RunRef, cached_fit, runs_dir
+from common.experiments.runcache import STAGE1, RunRef, cached_fit, runs_dir
 from common.train_config import TrainConfig
 
 
@@ -85,7 +85,7 @@ def use_profile_threads(prof: Profile) -> None:
 def stage1_run(s: Setup, model_name: str) -> RunRef:
     """Stage 1 of `model_name`: Cardiomegaly vs No Finding, trained or reused from the run cache."""
     cfg = train_config(s.profile, model_name, "cardiomegaly", s.data, **s.kw)
-    return cached_fit(cfg, "stage 1", model_name, s.runs)
+    return cached_fit(cfg, STAGE1, model_name, s.runs)
 
 
 def stage2_run(s: Setup, model_name: str, init: RunRef | None, role: str, freeze: int = 0) -> RunRef:

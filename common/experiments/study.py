@@ -16,7 +16,7 @@ from common.experiments.datasets import title
 from common.experiments.heldout import held_out
 from common.experiments.profiles import STUDY, STUDY_MODEL, STUDY_VIT, Knobs
 from common.experiments.records import Experiment
-from common.experiments.runcache import RunRef
+from common.experiments.runcache import STAGE1, STAGE2, WITHOUT_STAGE1, RunRef
 from common.experiments.stages import Setup, setup, stage1_run, stage2_run
 from common.experiments.tables import (
     Table,
@@ -59,7 +59,7 @@ def single_task(model_name: str = STUDY_MODEL, knobs: Knobs | None = None, **kw)
     s = setup(Knobs.of(knobs, **kw))
     exp = Experiment("single_task", "Stage 1 (single-task): Cardiomegaly vs No Finding", s.profile.label, s.data)
     run = stage1_run(s, model_name)
-    exp.runs["stage 1"] = run
+    exp.runs[STAGE1] = run
     exp.tables.append(_stage1_table(exp, run, "Stage 1"))
     m = run.metrics()
     exp.headline = {**_stage1_headline(m), "model": run.model_label()}
@@ -156,13 +156,13 @@ def two_stage(name: str, model_name: str, knobs: Knobs | None = None, without_st
     s = setup(Knobs.of(knobs, **kw))
     exp = Experiment(name, experiment_title, s.profile.label, s.data)
     stage1 = stage1_run(s, model_name)
-    stage2 = stage2_run(s, model_name, stage1, "stage 2")
-    exp.runs.update({"stage 1": stage1, "stage 2": stage2})
+    stage2 = stage2_run(s, model_name, stage1, STAGE2)
+    exp.runs.update({STAGE1: stage1, STAGE2: stage2})
     listed = [("Stage 2 from stage 1", stage2, f"{STUDY['stage2_dev_mean_accuracy']:.2f}")]
     compare = {}
     if without_stage1:
-        scratch = stage2_run(s, model_name, None, "stage 2 without stage 1")
-        exp.runs["stage 2 without stage 1"] = scratch
+        scratch = stage2_run(s, model_name, None, WITHOUT_STAGE1)
+        exp.runs[WITHOUT_STAGE1] = scratch
         listed.append(("Stage 2 without stage 1", scratch, f"{STUDY['stage2_without_stage1_dev_mean_accuracy']:.2f}"))
         compare["AUROC without stage 1"] = scratch.metrics()
     exp.tables.append(_stage1_table(exp, stage1, "Stage 1"))
@@ -180,7 +180,7 @@ def two_stage(name: str, model_name: str, knobs: Knobs | None = None, without_st
         "stage2_mean_auroc_ci": m2.get("mean_auroc_ci"), **head_ba,
     }
     if without_stage1:
-        ms = exp.runs["stage 2 without stage 1"].metrics()
+        ms = exp.runs[WITHOUT_STAGE1].metrics()
         exp.headline.update({"without_stage1_dev_mean_accuracy": (ms.get("dev") or {}).get("mean_accuracy"),
                              "without_stage1_mean_auroc": ms.get("mean_auroc")})
     return exp
