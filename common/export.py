@@ -15,14 +15,13 @@ The folder holds everything serving needs, so `common.onnx_predict` never opens 
                       measured at export, the int8 report and recipe, versions, whether the run's
                       data was synthetic
     head.npz          the head's weights, for Grad-CAM in numpy (CNNs only)
-    .ort-optimized/   ONNX Runtime's fully optimised graphs for this machine (a cache; see
-                      common.onnx_predict.open_session), rebuilt on another machine
+    .ort-optimized/   ONNX Runtime's optimised graphs for this machine (a cache: onnx_predict.open_session)
+    .lock             held while one process writes the folder
 
 The file names are `common.serving`'s (the folder's layout, with its one freshness rule). The fp32
 graph is checked against torch at export time (logits within 1e-4, else ExportError).
-`export_model` does the same for a model in memory (pruned or distilled models); `quantize_int8`
-quantises any exported model; `ensure_export` exports a run only when its export is missing or
-stale (what compression and the app's first use call).
+`export_model` does the same for a model in memory (pruned or distilled); `quantize_int8` quantises
+any exported model; `ensure_export` exports a run only when its export is missing or stale.
 """
 from __future__ import annotations
 
@@ -293,8 +292,7 @@ def export_model(
     model = model.cpu().eval()
     cam, head_arrays = cam_support(model, input_cfg)
     with_features = cam["method"] == "numpy"
-    # every file is staged first and renamed into place at the end: a failure leaves the previous export
-    # whole; the lock keeps two processes exporting the same folder (app sessions) from mixing their files
+    # files are staged, then renamed into place: a failure leaves the previous export whole; one exporter at a time
     with file_lock(out / EXPORT_LOCK):
         try:
             exporter, diff, n_checked = _export_checked(model, out, input_cfg, with_features, opset, log)
