@@ -80,3 +80,19 @@ def test_a_fresh_start_in_an_old_folder_drops_the_old_curves(tmp_path, nih_sampl
     scalars = _scalars(out)
     assert scalars["loss/train"] == [(3, 0.5)] and "loss/dev" not in scalars
     assert list(scalars) and "dev_auroc/Effusion" not in scalars and scalars["dev_auroc/Cardiomegaly"][0][0] == 3
+
+
+def test_a_resumed_run_drops_the_points_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard", reason="requirements.txt installs tensorboard")
+    out = tmp_path / "run"
+    out.mkdir()
+    first = train_state.TensorBoardLog(out, print)
+    for step, loss in ((3, 0.9), (6, 0.8), (9, 0.7)):  # killed after step 9 was logged, checkpoint at step 6
+        first.epoch({"step": step, "train_loss": loss, "lr": 1e-3}, None)
+    first.close()
+    resumed = train_state.TensorBoardLog(out, print, resume_step=6 + 1)  # what fit passes: checkpoint step + 1
+    for step, loss in ((9, 0.65), (12, 0.6)):
+        resumed.epoch({"step": step, "train_loss": loss, "lr": 1e-3}, None)
+    resumed.close()
+    assert _scalars(out)["loss/train"] == [(3, pytest.approx(0.9)), (6, pytest.approx(0.8)),
+                                          (9, pytest.approx(0.65)), (12, pytest.approx(0.6))]
