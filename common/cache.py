@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from common.images import read_resized
 from common.io import WriteError
+from common.paths import cache_root  # noqa: F401  (re-exported: common.cache.cache_root)
 
 if TYPE_CHECKING:  # torch is imported lazily (see below)
     import torch
@@ -62,12 +63,6 @@ _IN_PROCESS_BELOW = 16  # fewer files than this are decoded without starting a p
 class CacheWriteError(WriteError):
     """The image store could not be written (a full disk, a read-only folder); the message names the
     store and what to do. What was decoded before stays valid: a rerun decodes only the rest."""
-
-
-def cache_root() -> Path:
-    """The cache folder: $MEDIMAGING_CACHE, else ~/.cache/medimaging."""
-    env = os.environ.get("MEDIMAGING_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medimaging"
 
 
 def default_workers() -> int:

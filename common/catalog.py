@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.compress.base import COMPRESSION_JSON
-from common.experiments.notebooks import DEFAULT_OUT, RESULTS_DIR
-from common.experiments.records import TABLES_DIR, in_reproduce_order
-from common.experiments.runcache import STAGE1, STAGE2, WITHOUT_STAGE1, is_compressed, runs_dir
+from common.experiments.notebooks import (DEFAULT_OUT, RESULTS_DIR, STAGE1, STAGE2, TABLES_DIR, WITHOUT_STAGE1,
+                                          in_reproduce_order, is_compressed, runs_dir)
 from common.paths import REPO_ROOT
 from common.runs import CONFIG, METRICS_JSON, find_runs
 from common.serving import FP32, ONNX_META

@@ -31,6 +31,7 @@ are importable from here as before); this module adds the images, the datasets a
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -257,6 +258,33 @@ def load_dataset(root: str | Path, name: str | None = None, quiet: bool = False,
         frame=_finish(frame, name), root=root, layout=layout, rows_without_image=len(missing),
         name=name, is_synthetic=(root / SYNTHETIC_MARKER).is_file(), missing_ids=missing, problems=problems,
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _load_dataset_cached(root: str, stamp: tuple, strict: bool) -> XrayData:
+    return load_dataset(root, quiet=True, strict=strict)
+
+
+def label_files(root: Path) -> tuple:
+    """(name, size, mtime_ns) of the label files at the top of a dataset folder."""
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() in (".csv", ".txt", ".json"):
+            st = p.stat()
+            out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def load_data(root: str | Path) -> XrayData:
+    """`load_dataset(root)`, memoised while its label files (and the strict mode,
+    $MEDIMAGING_STRICT_LABELS) are unchanged: what everything that reads a folder again and again
+    (run keys, a run's split, the experiments' tables) uses."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found (give a folder in the NIH, dataset_full or "
+                           "dataset_cardiomegaly layout; see dataset_full/README.md)")
+    return _load_dataset_cached(str(root), label_files(root), strict_default(None))
+
 
 
 def combine(datasets: Sequence[XrayData]) -> XrayData:

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from common.paths import SYNTHETIC_MARKER
 from common.predict import load_predictor
 from common.serving import ImageInput, Predictor, sigmoid
-from common.synthetic import SYNTHETIC_MARKER
 
 # NIH's BBox_List_2017.csv spells one finding differently from the label file.
 BBOX_FINDINGS = {"Infiltrate": "Infiltration"}

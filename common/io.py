@@ -8,7 +8,9 @@ checkpoint carrying a pickled payload is refused before any of it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -19,10 +21,18 @@ from typing import Any
 # Suffixes of weights files, in the order a folder (or a folder of downloads) is searched for one.
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
-# mkstemp creates 0600 files; written files get the process's ordinary mode instead. Reading the
-# umask means setting it, so it is read once here.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, for the mode of written files (mkstemp makes them 0600). Linux shows it
+    in /proc/self/status; elsewhere reading it means setting it for a moment, once, when first needed."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class WriteError(OSError):
@@ -53,7 +63,7 @@ def _atomic_write(path: Path, write) -> None:
     except OSError as err:
         raise write_error(path, err) from err
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

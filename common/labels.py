@@ -46,6 +46,11 @@ TASKS: dict[str, tuple[str, ...]] = {
 }
 
 
+def task_of(labels) -> str | None:
+    """The task whose outputs are exactly `labels` (in order), or None."""
+    return next((task for task, names in TASKS.items() if list(names) == list(labels)), None)
+
+
 # Finding names as label files write them: any case, '_' or ' ' between words ("pleural thickening").
 _BY_KEY = {" ".join(name.lower().replace("_", " ").split()): name for name in LABELS}
 _NO_FINDING_KEY = NO_FINDING.lower()

@@ -18,6 +18,7 @@ pooled LayerNorm, ...) say `cam_method == "torch"` and the caller uses `common.e
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -175,11 +176,16 @@ class OnnxPredictor(Predictor):
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise OnnxModelError(f"{model_file}: not a loadable ONNX model ({first}); the file is damaged or "
                                  f"incomplete: {_REEXPORT}") from None
-        self.stale = stale_reason(self.source, int8=self.int8) is not None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._check_shapes()
         self._head: _NumpyHead | None = None
+
+    @functools.cached_property
+    def stale(self) -> bool:
+        """Whether the export is older than its run's weights (`common.serving.stale_reason`): read
+        when asked (predict's warning), not at every load."""
+        return stale_reason(self.source, int8=self.int8) is not None
 
     def _check_shapes(self) -> None:
         """model.json must describe this graph: its labels one per logit, its input size and channels."""

@@ -19,6 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_FULL = "dataset_full"
 DATASET_CARDIOMEGALY = "dataset_cardiomegaly"
 
+# In every dataset folder the suite generates (common.synthetic); written last, so it also says "complete".
+SYNTHETIC_MARKER = "SYNTHETIC.json"
+
 # The real NIH sample data for tests and benchmarks: this variable, else ../shared/data beside the checkout.
 SAMPLE_DATA_ENV = "MEDIMAGING_SAMPLE_DATA"
 
@@ -49,3 +52,9 @@ def sample_data_dir() -> Path:
     """Root of the real NIH sample data (`nih-sample/`, `nih-64-cardiomegaly/`); it may not exist."""
     env = os.environ.get(SAMPLE_DATA_ENV)
     return Path(env).resolve() if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def cache_root() -> Path:
+    """The cache folder: $MEDIMAGING_CACHE, else ~/.cache/medimaging."""
+    env = os.environ.get("MEDIMAGING_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medimaging"

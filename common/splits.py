@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from common import runs
-from common.data import combine, load_dataset, select_task, task_split
-from common.labels import LABELS, TASKS
+from common.data import combine, load_data, select_task, task_split
+from common.labels import LABELS, task_of
 
 # split.csv's columns; `run_split` adds the image path and the labels
 IMAGE, PATIENT, SPLIT = "image", "patient", "split"
@@ -63,8 +63,7 @@ def _data_roots(run_dir: Path, cfg: dict, data: Sequence[str | Path] | None) -> 
 
 def _task(run_dir: Path, cfg: dict) -> str:
     """The run's task: config.json["train"]["task"], else the task whose outputs are the run's labels."""
-    task = (cfg.get("train") or {}).get("task") or next(
-        (t for t, names in TASKS.items() if list(names) == list(cfg["labels"])), None)
+    task = (cfg.get("train") or {}).get("task") or task_of(cfg["labels"])
     if task is None:
         raise ValueError(f"{run_dir}: no task recorded and its labels {cfg['labels']} are no task's outputs")
     return task
@@ -86,7 +85,7 @@ def run_split(run_dir: str | Path, data: Sequence[str | Path] | None = None) -> 
     lists those in unreadable.csv). `data`: the run's data folders, when they moved."""
     run_dir = Path(run_dir)
     cfg = runs.read_config(run_dir)
-    combined = combine([load_dataset(r, quiet=True) for r in _data_roots(run_dir, cfg, data)]).frame
+    combined = combine([load_data(r) for r in _data_roots(run_dir, cfg, data)]).frame
     stored = read_split(run_dir)
     if stored is None:
         frame = _recompute(run_dir, cfg, combined)

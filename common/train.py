@@ -59,8 +59,8 @@ from common.distributed import DistInfo
 from common.metrics import evaluate_predictions, format_table, plot_roc, tune_thresholds
 from common.models import build_model, freeze, model_input_config
 from common.optim import WarmupCosine, masked_bce, param_groups, positive_weights
-from common.predict import sigmoid
 from common.runs import init_from
+from common.serving import PREDICTIONS_IMAGE_COLUMN, sigmoid
 from common.splits import write_split
 from common.train_config import TrainConfig
 from common.train_data import (
@@ -535,7 +535,7 @@ def _finish(loop: _Loop, state: LoopState) -> Path:
     runs.save_json(out / runs.THRESHOLDS, thresholds)
 
     ids = data.frame["image_id"].to_numpy()
-    pred = pd.DataFrame({"Image Index": ids[loop.test.rows]})
+    pred = pd.DataFrame({PREDICTIONS_IMAGE_COLUMN: ids[loop.test.rows]})
     for j, name in enumerate(labels):
         pred[name] = test_prob[:, j] if test_prob is not None else np.zeros(0)
     runs.atomic_write_text(out / runs.TEST_PREDICTIONS, pred.to_csv(index=False, float_format="%.8g"))

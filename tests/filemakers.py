@@ -1,8 +1,8 @@
 """Files that tests make: a decompression-bomb PNG, DICOM files (with or without pixel data,
 MONOCHROME1/2, 8/12/16 bit).
 
-pydicom is optional for the project: `dicom_bytes` imports it only when called, so a test that
-needs it should `pytest.importorskip("pydicom")` first.
+`dicom_bytes` imports pydicom only when called (a dependency; the suite still runs without it, and
+DICOM tests skip there).
 """
 from __future__ import annotations
 

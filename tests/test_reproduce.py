@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import common.data
 from common import experiments
 from common.cli import build_parser
 from common.experiments import records
@@ -184,13 +185,13 @@ def test_run_keys_follow_the_configuration_and_the_data(cardiomegaly_64, tmp_pat
     csv = copy / "train.csv"
     st = csv.stat()
     os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    experiments.datasets._load_dataset_cached.cache_clear()
+    common.data._load_dataset_cached.cache_clear()
     assert experiments.run_key(_config([copy])) == k1
     lines = csv.read_text().splitlines()
     header, first = lines[0], lines[1].split(",")
     first[1] = "No Finding" if first[1] == "Cardiomegaly" else "Cardiomegaly"  # one label flipped, same size or not
     csv.write_text("\n".join([header, ",".join(first), *lines[2:]]) + "\n")
-    experiments.datasets._load_dataset_cached.cache_clear()
+    common.data._load_dataset_cached.cache_clear()
     assert experiments.run_key(_config([copy])) != k1
 
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     # building the parser stays light (see common.cli)
     from common.cache import cache_root
     from common.experiments.inventory import delete, format_inventory, human_bytes, inventory, select
-    from common.experiments.runcache import runs_dir
+    from common.experiments.notebooks import runs_dir
 
     cache, runs = cache_root(), runs_dir()
     entries = inventory(cache, runs)

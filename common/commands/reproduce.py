@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from common.commands._types import STRICT_HELP
+
 # light: the notebook table and the output folder's names; papermill loads when running
 from common.experiments.notebooks import DEFAULT_OUT, RESULTS_DIR, notebook_names
 from common.experiments.profiles import REPRODUCE_PROFILES  # light: dataclasses and the Weights value

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import runs
-from common.labels import TASKS
+from common.labels import TASKS, task_of
 from common.train_config import TrainConfig
 
 COMPRESSION_JSON = "compression.json"
@@ -59,7 +59,7 @@ def source_train_config(run_dir: str | os.PathLike, out: str | os.PathLike, data
     if not base:
         model = cfg["model"]
         labels = list(cfg["labels"])
-        task = next((name for name, names in TASKS.items() if list(names) == labels), None)
+        task = task_of(labels)
         if task is None:
             raise ValueError(f"{Path(run_dir) / runs.CONFIG}: outputs {labels} match no task {sorted(TASKS)}; "
                              "cannot derive a training configuration")

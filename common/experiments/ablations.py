@@ -9,10 +9,11 @@ import pandas as pd
 from safetensors import safe_open
 
 from common import runs as runfiles
+from common.experiments.notebooks import STAGE1
 from common.experiments.plots import figure
 from common.experiments.profiles import BACKBONES, STUDY_MODEL, Knobs
 from common.experiments.records import Experiment
-from common.experiments.runcache import STAGE1, RunRef
+from common.experiments.runcache import RunRef
 from common.experiments.stages import setup, stage1_run, stage2_run
 from common.experiments.tables import Table, baseline_row, model_row, num, pct
 from common.labels import CHEXNET_AUROC, CHEXNET_MEAN_AUROC, LABELS

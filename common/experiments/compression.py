@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from common.experiments.ablations import choose_backbones
 from common.experiments.datasets import title
 from common.experiments.profiles import Knobs, compression_plan
 from common.experiments.records import Experiment
-from common.experiments.runcache import RunRef, compressed_run_dir, is_finished, run_lock, touch_used
+from common.experiments.runcache import RunRef, compressed_run_dir, reuse_or_make
 from common.experiments.stages import Setup, setup, stage2_run
 from common.experiments.tables import Table
 from common.splits import split_paths
@@ -81,13 +80,7 @@ def cached_compress(method: str, source: Path, params: dict, runs_root: Path,
     Returns (run dir, reused). An interrupted one is made again (its fine-tune resumes).
     """
     out = compressed_run_dir(source, method, params, runs_root)
-    if not is_finished(out):
-        with run_lock(out):
-            if not is_finished(out):  # another process may have finished it while we waited
-                return make(out), False
-    print(f"{method}: reusing the finished {out}", file=sys.stderr)
-    touch_used(out)
-    return out, True
+    return out, reuse_or_make(out, make, method)
 
 
 def cached_distill(teacher_run: Path, runs_root: Path, student: str, image_size: int, temperature: float,

@@ -8,38 +8,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from common.data import DatasetError, combine, default_data_dirs, detect_layout, load_dataset
-from common.labelfiles import strict_default
+from common.data import combine, default_data_dirs, detect_layout, label_files, load_data
 from common.paths import DATASET_CARDIOMEGALY, DATASET_FULL, REPO_ROOT, find_data_dir, has_data
-
-
-@functools.lru_cache(maxsize=32)
-def _load_dataset_cached(root: str, stamp: tuple, strict: bool) -> Any:
-    return load_dataset(root, quiet=True, strict=strict)
-
-
-def _label_files(root: Path) -> tuple:
-    """(name, size, mtime_ns) of the label files at the top of a dataset folder."""
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.is_file() and p.suffix.lower() in (".csv", ".txt", ".json"):
-            st = p.stat()
-            out.append((p.name, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def load_data(root: str | Path):
-    """`common.data.load_dataset(root)`, memoised while its label files (and the strict mode,
-    $MEDIMAGING_STRICT_LABELS) are unchanged."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found (give a folder in the NIH, dataset_full or "
-                           "dataset_cardiomegaly layout; see dataset_full/README.md)")
-    return _load_dataset_cached(str(root), _label_files(root), strict_default(None))
 
 
 @functools.lru_cache(maxsize=256)
@@ -61,7 +34,7 @@ def dataset_identity(root: str | Path) -> dict:
     return {"path": str(root), "layout": ds.layout, "images": int(len(ds.frame)),
             "patients": int(ds.frame["patient_id"].nunique()),
             "label_files": [[name, size, _file_digest(str(root / name), size, mtime)]
-                            for name, size, mtime in _label_files(root)]}
+                            for name, size, mtime in label_files(root)]}
 
 
 @dataclass(frozen=True)
@@ -81,10 +54,6 @@ class DataSpec:
 
     def frame(self) -> pd.DataFrame:
         return combine(self.datasets()).frame
-
-    def identity(self) -> list[dict]:
-        """What makes the data this data, for run keys: paths, layout, counts, label files."""
-        return [dataset_identity(d) for d in self.dirs()]
 
     def describe(self) -> str:
         """One line for table headers: SYNTHETIC, or each folder with its image and patient counts."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from common import runs as runfiles
 from common.cache import INDEX_FILE, STORE_LOCK, STORE_VERSION, cache_root
-from common.experiments.runcache import RUN_LOCK, is_finished, runs_dir
+from common.experiments.notebooks import runs_dir
+from common.experiments.runcache import RUN_LOCK, is_finished
 from common.synthetic import synthetic_root
 
 KINDS = ("runs", "images", "synthetic")

@@ -15,9 +15,9 @@ from typing import Any
 import pandas as pd
 
 from common.experiments.datasets import DataSpec, display_path, resolve_data
+from common.experiments.notebooks import STAGE2, TABLES_DIR
 from common.experiments.profiles import get_profile
-from common.experiments.records import TABLES_DIR, Experiment, record_runs
-from common.experiments.runcache import STAGE2
+from common.experiments.records import Experiment, record_runs
 from common.experiments.stages import use_profile_threads
 from common.experiments.tables import Table
 from common.explain import (

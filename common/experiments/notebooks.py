@@ -1,13 +1,17 @@
-"""The reproduce order: every experiment notebook, in the order `medimaging reproduce` runs them,
-and where their results go.
+"""The reproduce order (every experiment notebook, in the order `medimaging reproduce` runs them)
+and the names the experiments give what they write: OUT's layout, the run cache's folder, the
+folders of compressed runs and the roles of the study's runs in the records.
 
-Light on purpose (no imports): the command line builds `--only`'s choices and `--out`'s default
-from it.
+Light on purpose (only common.paths): the command line builds `--only`'s choices and `--out`'s
+default from it, and the app's catalog names runs with it, without loading pandas or the cache.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from common.paths import cache_root
 
 # Where results go (OUT; its layout is common.experiments.records'). A user's own reproduction lands
 # in results/local/, which git ignores, beside the committed results of the real NIH sample in
@@ -44,3 +48,38 @@ NOTEBOOKS: tuple[Notebook, ...] = (
 
 def notebook_names() -> list[str]:
     return [nb.name for nb in NOTEBOOKS]
+
+
+def in_reproduce_order(names) -> list[str]:
+    """Notebook names in reproduce order, then any others as given."""
+    known = notebook_names()
+    return [n for n in known if n in names] + [n for n in names if n not in known]
+
+
+# OUT's layout (common.experiments.records writes it)
+TABLES_DIR = "tables"  # OUT/tables/<name>.json: one record per notebook
+FIGURES_DIR = "figures"  # OUT/figures/<name>_<figure>.png
+NOTEBOOKS_DIR = "notebooks"  # OUT/notebooks/<name>.ipynb: each notebook as executed
+TABLES_MD = "tables.md"  # OUT/tables.md: every table, collected
+
+# The roles of the study's two stages in the experiment records (RunRef.role): the app's catalog
+# (common.catalog) tells them from ablation rows and compressed variants by these names.
+STAGE1 = "stage 1"  # Cardiomegaly vs No Finding
+STAGE2 = "stage 2"  # 14 labels, started from stage 1
+WITHOUT_STAGE1 = "stage 2 without stage 1"  # 14 labels from the profile's initialisation
+
+# A compressed variant's folder in the run cache: RUNS/<source run>--<method>-<key>
+COMPRESSED_SEP = "--"
+
+
+def is_compressed(run_dir: str | Path) -> bool:
+    return COMPRESSED_SEP in Path(run_dir).name
+
+
+def runs_dir(path: str | Path | None = None) -> Path:
+    """The run cache: `path`, else $MEDIMAGING_RUNS, else <common.cache.cache_root()>/runs."""
+    if path is not None:
+        return Path(path).expanduser().resolve()
+    if os.environ.get("MEDIMAGING_RUNS"):
+        return Path(os.environ["MEDIMAGING_RUNS"]).expanduser().resolve()
+    return (cache_root() / "runs").resolve()

@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from common.experiments.datasets import DataSpec, title
-from common.experiments.notebooks import notebook_names
+from common.experiments.notebooks import FIGURES_DIR, TABLES_DIR, TABLES_MD, in_reproduce_order
 from common.experiments.runcache import RunRef, is_finished
 from common.experiments.tables import Table
 from common.io import atomic_write_text, load_json, save_json
 from common.paths import REPO_ROOT
-
-TABLES_DIR = "tables"  # OUT/tables/<name>.json: one record per notebook
-FIGURES_DIR = "figures"  # OUT/figures/<name>_<figure>.png
-NOTEBOOKS_DIR = "notebooks"  # OUT/notebooks/<name>.ipynb: each notebook as executed
-TABLES_MD = "tables.md"  # OUT/tables.md: every table, collected
 
 
 def git_commit(cwd: str | Path | None = None, exclude: str | Path | None = None) -> str:
@@ -130,12 +125,6 @@ def load_experiments(out_dir: str | Path) -> dict[str, dict]:
     folder = Path(out_dir) / TABLES_DIR
     found = {p.stem: load_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
     return {n: found[n] for n in in_reproduce_order(found)}
-
-
-def in_reproduce_order(names) -> list[str]:
-    """Notebook names in reproduce order, then any others as given."""
-    known = notebook_names()
-    return [n for n in known if n in names] + [n for n in names if n not in known]
 
 
 def record_runs(record: Mapping) -> dict[str, RunRef]:

@@ -37,10 +37,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.experiments.datasets import resolve_data
-from common.experiments.notebooks import DEFAULT_OUT, NOTEBOOKS, Notebook, notebook_names
+from common.experiments.notebooks import (DEFAULT_OUT, FIGURES_DIR, NOTEBOOKS, NOTEBOOKS_DIR, TABLES_DIR, Notebook,
+                                          notebook_names)
+from common.experiments.notebooks import runs_dir as find_runs_dir
 from common.experiments.profiles import BACKBONES, REPRODUCE_PROFILES, WEIGHTS_ENV, check_weights, get_profile
-from common.experiments.records import FIGURES_DIR, NOTEBOOKS_DIR, TABLES_DIR, write_tables_md
-from common.experiments.runcache import runs_dir as find_runs_dir
+from common.experiments.records import write_tables_md
 from common.labelfiles import strict_labels
 from common.paths import REPO_ROOT
 from common.weights import LOCAL

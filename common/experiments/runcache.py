@@ -16,7 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,20 +24,11 @@ from typing import Any
 import pandas as pd
 
 from common import runs as runfiles
-from common.cache import cache_root, file_lock
+from common.cache import file_lock
 from common.compress.base import COMPRESSION_JSON
 from common.experiments.datasets import dataset_identity, display_path
+from common.experiments.notebooks import COMPRESSED_SEP, is_compressed, runs_dir
 from common.serving import EXPORT_DIR, ONNX_META
-
-
-def runs_dir(path: str | Path | None = None) -> Path:
-    """The run cache: `path`, else $MEDIMAGING_RUNS, else <common.cache.cache_root()>/runs."""
-    if path is not None:
-        return Path(path).expanduser().resolve()
-    if os.environ.get("MEDIMAGING_RUNS"):
-        return Path(os.environ["MEDIMAGING_RUNS"]).expanduser().resolve()
-    return (cache_root() / "runs").resolve()
-
 
 # Fields of TrainConfig that say how to run, not what to compute: not part of a run's key.
 _HOW_TO_RUN = ("out", "progress", "num_workers", "device", "eval_batch_size", "checkpoint_every")
@@ -75,9 +66,8 @@ def cache_key(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-# A compressed variant's folder: RUNS/<source run>--<method>-<key>. Its key keeps the 10 digits it
-# always had, so the compressed runs already in users' caches are still found.
-COMPRESSED_SEP = "--"
+# A compressed variant's key keeps the 10 digits it always had, so the compressed runs already in
+# users' caches are still found.
 COMPRESSED_KEY_DIGITS = 10
 
 
@@ -85,10 +75,6 @@ def compressed_run_dir(source: Path, method: str, params: Mapping[str, Any], run
     """Where the `method` variant of the run `source` with these recipe `params` is cached."""
     key = cache_key({"source": str(source), **params}, COMPRESSED_KEY_DIGITS)
     return runs_root / f"{source.name}{COMPRESSED_SEP}{method}-{key}"
-
-
-def is_compressed(run_dir: Path) -> bool:
-    return COMPRESSED_SEP in Path(run_dir).name
 
 
 def is_finished(run_dir: str | Path) -> bool:
@@ -104,12 +90,6 @@ def is_finished(run_dir: str | Path) -> bool:
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
-
-# The roles of the study's two stages in the experiment records (RunRef.role): the app's catalog
-# (common.catalog) tells them from ablation rows and compressed variants by these names.
-STAGE1 = "stage 1"  # Cardiomegaly vs No Finding
-STAGE2 = "stage 2"  # 14 labels, started from stage 1
-WITHOUT_STAGE1 = "stage 2 without stage 1"  # 14 labels from the profile's initialisation
 
 RUN_LOCK = ".lock"  # in each cached run folder: held while the run trains
 
@@ -162,23 +142,32 @@ def touch_used(run_dir: Path) -> None:
         pass
 
 
+def reuse_or_make(run_dir: Path, make: Callable[[Path], object], what: str) -> bool:
+    """Make `run_dir` with `make(run_dir)` unless it already finished; True when it was reused.
+
+    Finished is checked again under the run's lock: of two processes asking at once, one makes the
+    run while the other waits, then reuses it. An interrupted run is made again (`fit` resumes it).
+    """
+    if not is_finished(run_dir):
+        with run_lock(run_dir):
+            if not is_finished(run_dir):
+                make(run_dir)
+                return False
+    print(f"{what}: reusing the finished run {display_path(run_dir)}", file=sys.stderr)
+    touch_used(run_dir)
+    return True
+
+
 def cached_fit(config, role: str, requested_model: str, runs: str | Path | None = None) -> RunRef:
     """Train `config` into RUNS/<task>-<model>-<key>, or reuse that run when it already finished."""
     from common.train import fit  # torch: only when something is trained
 
-    root = runs_dir(runs)
-    key = run_key(config)
-    run_dir = root / f"{config.task}-{_slug(config.model_name)}-{key}"
-    reused = is_finished(run_dir)
-    if reused:
-        print(f"{role}: reusing the finished run {display_path(run_dir)}", file=sys.stderr)
-        touch_used(run_dir)
-    else:
-        with run_lock(run_dir):
-            reused = is_finished(run_dir)  # another process may have finished it while we waited
-            if not reused:
-                print(f"{role}: training {config.model_name} ({config.task}) into {display_path(run_dir)}",
-                      file=sys.stderr)
-                fit(dataclasses.replace(config, out=str(run_dir)))
+    run_dir = runs_dir(runs) / f"{config.task}-{_slug(config.model_name)}-{run_key(config)}"
+
+    def train(out: Path) -> None:
+        print(f"{role}: training {config.model_name} ({config.task}) into {display_path(out)}", file=sys.stderr)
+        fit(dataclasses.replace(config, out=str(out)))
+
+    reused = reuse_or_make(run_dir, train, role)
     return RunRef(role, run_dir, requested_model, config.model_name, reused)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from common.cache import default_workers
 from common.experiments.datasets import DataSpec, resolve_data
+from common.experiments.notebooks import STAGE1, runs_dir
 from common.experiments.profiles import Knobs, Profile, get_profile
-from common.experiments.runcache import STAGE1, RunRef, cached_fit, runs_dir
+from common.experiments.runcache import RunRef, cached_fit
 from common.train_config import TrainConfig
 
 

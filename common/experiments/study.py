@@ -14,9 +14,10 @@ import pandas as pd
 
 from common.experiments.datasets import title
 from common.experiments.heldout import held_out
+from common.experiments.notebooks import STAGE1, STAGE2, WITHOUT_STAGE1
 from common.experiments.profiles import STUDY, STUDY_MODEL, STUDY_VIT, Knobs
 from common.experiments.records import Experiment
-from common.experiments.runcache import STAGE1, STAGE2, WITHOUT_STAGE1, RunRef
+from common.experiments.runcache import RunRef
 from common.experiments.stages import Setup, setup, stage1_run, stage2_run
 from common.experiments.tables import (
     Table,

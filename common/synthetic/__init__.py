@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from common.cache import cache_root, default_workers
 from common.labels import LABELS, NO_FINDING
+from common.paths import SYNTHETIC_MARKER
 from common.synthetic.drawing import BOXED_FINDINGS, random_anatomy, render
 
 __all__ = [
@@ -49,7 +50,6 @@ DEFAULT_SIZES = {"nih": 800, "cardiomegaly": 400}
 # Patient id ranges far above NIH's (1..30805), one per layout, so synthetic patients never
 # collide with real ones or with each other when datasets are combined.
 _PATIENT_BASE = {"nih": 90_000_000, "cardiomegaly": 95_000_000}
-SYNTHETIC_MARKER = "SYNTHETIC.json"  # in every dataset folder made here; written last, so it also says "complete"
 BBOX_CSV = "BBox_List_2017.csv"
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # NIH's header line, verbatim
 NIH_COLUMNS = (
