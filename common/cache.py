@@ -20,6 +20,12 @@ served (about 2 GB/s, a small cost beside decoding); a damaged slot or view is d
 again, and an index that is no longer a readable database is started again, each with a message.
 The space for new slots is reserved before any pixel is written (`posix_fallocate`), so a full disk
 is a `CacheWriteError` naming the store, never a crash (SIGBUS) half-way through a write.
+
+At NIH's size (112,120 images, 1.8 GB at 128 px; `bench/bench_scale.py`): the decoding processes
+write their images into the store themselves, so a build costs what decoding costs; checksums
+and the Dataset's batches are read with pread, not through the memory map, so opening the store
+or an epoch over it does not leave the whole store in a process's resident memory; a request
+served from an existing aligned copy checks that copy's rows only.
 """
 from __future__ import annotations
 
@@ -213,18 +219,21 @@ class ImageCache:
     def _damaged(self, entries: dict[str, tuple], paths: Sequence[str]) -> tuple[list[str], list[str]]:
         """(paths whose stored pixels fail their checksum or lie beyond the pixel file, paths stored
         before checksums existed) among the decodable `paths`."""
-        have = self.pixels_path.stat().st_size // self._item if self.pixels_path.is_file() else 0
-        store = np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=(have, self.size, self.size)) \
-            if have else None
-        damaged, unchecked = [], []
+        checked, damaged, unchecked = [], [], []
         for p in paths:
             _, _, slot, ok, _, crc = entries[p]
             if not ok:
                 continue  # served as zeros and flagged unreadable: no pixels to trust
             if crc is None:
                 unchecked.append(p)
-            elif slot >= have or zlib.crc32(store[slot]) != crc:
-                damaged.append(p)
+            else:
+                checked.append(p)
+        slots = np.fromiter((entries[p][2] for p in checked), dtype=np.int64, count=len(checked))
+        intact = np.zeros(len(checked), dtype=bool)
+        if self.pixels_path.is_file():
+            for i, row in _read_rows(self.pixels_path, slots, self._item):
+                intact[i] = zlib.crc32(row) == entries[checked[i]][5]
+        damaged = [p for p, good in zip(checked, intact) if not good]
         return damaged, unchecked
 
     # -------------------------------------------------------------------------------- load
@@ -234,40 +243,47 @@ class ImageCache:
         paths = [os.path.abspath(os.fspath(p)) for p in paths]
         stats = {p: _stat(p) for p in dict.fromkeys(paths)}
         try:
-            entries, decoded = self._update(stats, workers, progress)
+            entries, decoded, images = self._update(paths, stats, workers, progress)
         except sqlite3.DatabaseError as err:
             if isinstance(err, sqlite3.OperationalError):  # locked, full, I/O: not a damaged file
                 raise
             self._restart_if_damaged(err)
-            entries, decoded = self._update(stats, workers, progress)
-        slots = np.full(len(paths), -1, dtype=np.int64)
+            entries, decoded, images = self._update(paths, stats, workers, progress)
+        slots, request = _request(paths, stats, entries)
         ok = np.zeros(len(paths), dtype=bool)
         unreadable: list[tuple[str, str]] = []
-        for i, p in enumerate(paths):
-            e = entries.get(p) if stats[p] is not None else None
+        for i, (p, e) in enumerate(zip(paths, request)):
             if e is None:
                 unreadable.append((p, "file not found"))
                 continue
-            slots[i] = e[2]
             ok[i] = bool(e[3])
             if not ok[i]:
                 unreadable.append((p, e[4] or "unreadable"))
-        images = self._aligned(slots, [entries.get(p) if stats[p] is not None else None for p in paths])
+        if images is None:
+            images = self._aligned(slots, request)
         return CachedImages(images=images, ok=ok, unreadable=unreadable, paths=paths, size=self.size,
                             decoded=decoded)
 
-    def _update(self, stats: dict[str, tuple | None], workers, progress) -> tuple[dict[str, tuple], int]:
-        """The index entries of the existing paths, after decoding what is new, changed or damaged."""
+    def _update(self, paths: list[str], stats: dict[str, tuple | None], workers,
+                progress) -> tuple[dict[str, tuple], int, np.ndarray | None]:
+        """(The index entries of the existing paths, after decoding what is new, changed or damaged;
+        how many were decoded; the request's aligned copy when it already exists and is intact, else None)."""
         with self._writing():  # a new store on a full disk fails here already
             con = self._connect()
         try:
             entries = self._entries(con, list(stats))
             todo = [p for p, st in stats.items() if st is not None and not _valid(entries.get(p), st)]
+            if not todo:
+                # an existing aligned copy is what will be served: checking its rows is the one
+                # check (the store's slots are not read, so not checked, for this request)
+                view = self._existing_view(*_request(paths, stats, entries))
+                if view is not None:
+                    return entries, 0, view
             stale = set(todo)
             current = [p for p in entries if p not in stale and stats[p] is not None]
             damaged, unchecked = self._damaged(entries, current)
             if not (todo or damaged or unchecked):
-                return entries, 0
+                return entries, 0, None
             with file_lock(self.lock_path):
                 # another process may have decoded (or repaired) them while we waited for the lock
                 entries.update(self._entries(con, todo + damaged + unchecked))
@@ -280,7 +296,7 @@ class ImageCache:
                           file=sys.stderr)
                 todo += damaged + unchecked
                 decoded = self._decode(con, todo, stats, entries, workers, progress) if todo else 0
-            return entries, decoded
+            return entries, decoded, None
         finally:
             con.close()
 
@@ -318,15 +334,21 @@ class ImageCache:
             # reserve the new slots before writing them: if we die half-way they are wasted, never double-booked
             con.execute("INSERT OR REPLACE INTO meta VALUES ('next_slot', ?)", (next_slot,))
             con.commit()
-            mm = np.memmap(self.pixels_path, dtype=np.uint8, mode="r+", shape=(next_slot, self.size, self.size))
+            fd = os.open(self.pixels_path, os.O_RDWR)
             try:
-                self._fill(mm, con, todo, slot_of, stats, entries, workers, progress)
+                self._fill(fd, con, todo, slot_of, stats, entries, workers, progress)
             finally:
-                del mm
+                os.close(fd)
         return len(todo)
 
-    def _fill(self, mm, con, todo, slot_of, stats, entries, workers, progress) -> None:
-        """Decode `todo` into their slots of `mm`, committing index rows in batches after their pixels."""
+    def _fill(self, fd, con, todo, slot_of, stats, entries, workers, progress) -> None:
+        """Decode `todo` into their slots of the pixel file (open as `fd`), committing index rows in
+        batches after their pixels.
+
+        The decoding processes write each image into its slot themselves (`_decode_into`) and send
+        back only (ok, reason, crc): the parent does no per-pixel work, so the build runs at the
+        workers' decode rate instead of queueing behind one process copying every image.
+        """
         workers = default_workers() if workers is None else max(1, int(workers))
         pending: list[tuple] = []
         last_commit = time.monotonic()
@@ -335,7 +357,7 @@ class ImageCache:
             nonlocal last_commit
             if not pending:
                 return
-            mm.flush()  # pixels reach the file before the rows that point to them
+            os.fsync(fd)  # pixels reach the file before the rows that point to them
             con.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", pending)
             con.commit()
             for row in pending:
@@ -346,30 +368,26 @@ class ImageCache:
         bar = tqdm(total=len(todo), desc=f"caching images at {self.size}px", unit="img",
                    disable=not progress, leave=False)
         executor = None
+        slots = [slot_of[p] for p in todo]
         try:
             import multiprocessing
 
             # a daemonic process (e.g. a DataLoader worker) may not start children: decode in-process
             if workers == 1 or len(todo) < _IN_PROCESS_BELOW or multiprocessing.current_process().daemon:
-                results = map(read_resized, todo, repeat(self.size))
+                results = map(_decode_into, todo, repeat(self.size), slots, repeat(fd))
             else:
                 # fork where available: spawn/forkserver re-import the caller's __main__ in every
                 # worker, which re-runs an unguarded trainer script; the workers only touch Pillow
                 # and numpy, so the parent's threads (torch, tqdm) are not a fork hazard for them
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 executor = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
-                                               mp_context=multiprocessing.get_context(method))
+                                               mp_context=multiprocessing.get_context(method),
+                                               initializer=_open_pixels, initargs=(str(self.pixels_path),))
                 chunk = max(1, min(64, len(todo) // (workers * 8)))
-                results = executor.map(read_resized, todo, repeat(self.size), chunksize=chunk)
-            for p, (pixels, reason) in zip(todo, results):
-                slot = slot_of[p]
-                if pixels is not None:
-                    mm[slot] = np.frombuffer(pixels, dtype=np.uint8).reshape(self.size, self.size)
-                else:
-                    mm[slot] = 0
+                results = executor.map(_decode_into, todo, repeat(self.size), slots, chunksize=chunk)
+            for p, slot, (ok, reason, crc) in zip(todo, slots, results):
                 mtime, fsize = stats[p]
-                crc = zlib.crc32(pixels) if pixels is not None else None
-                pending.append((p, mtime, fsize, slot, int(pixels is not None), reason, crc))
+                pending.append((p, mtime, fsize, slot, int(ok), reason, crc))
                 bar.update(1)
                 if len(pending) >= _COMMIT_BATCH and time.monotonic() - last_commit > _COMMIT_EVERY_S:
                     commit()
@@ -381,26 +399,41 @@ class ImageCache:
             commit()  # keep whatever finished before an interruption
 
     # ------------------------------------------------------------------------------ aligned
+    def _view_path(self, slots: np.ndarray, entries: list) -> Path:
+        """Where the aligned copy of a request lives: named by its slots and their files' stamps."""
+        key = hashlib.sha1()
+        key.update(slots.tobytes())
+        key.update(repr([(e[0], e[1]) if e is not None else None for e in entries]).encode())
+        return self.views_dir / f"{key.hexdigest()[:24]}.u8"
+
+    def _existing_view(self, slots: np.ndarray, entries: list) -> np.ndarray | None:
+        """The aligned copy of a request that is not one run of slots, if it exists and every row
+        passes its checksum; a damaged one is deleted (and None returned, so it is copied again)."""
+        n, s = len(slots), self.size
+        if n == 0 or _contiguous(slots):
+            return None
+        view = self._view_path(slots, entries)
+        if not (view.is_file() and view.stat().st_size == n * self._item):
+            return None
+        if _rows_match(view, entries, self._item):
+            os.utime(view)
+            return np.memmap(view, dtype=np.uint8, mode="r", shape=(n, s, s))
+        print(f"image cache: the aligned copy {view} was damaged; copying it again", file=sys.stderr)
+        view.unlink(missing_ok=True)
+        return None
+
     def _aligned(self, slots: np.ndarray, entries: list) -> np.ndarray:
         n, s = len(slots), self.size
         if n == 0:
             return np.zeros((0, s, s), dtype=np.uint8)
-        first = int(slots[0])
-        if first >= 0 and np.array_equal(slots, np.arange(first, first + n)):
+        if _contiguous(slots):
             # the common case (a dataset cached in its own order): a zero-copy window on the store
+            first = int(slots[0])
             return np.memmap(self.pixels_path, dtype=np.uint8, mode="r", offset=first * self._item, shape=(n, s, s))
-        key = hashlib.sha1()
-        key.update(slots.tobytes())
-        key.update(repr([(e[0], e[1]) if e is not None else None for e in entries]).encode())
-        view = self.views_dir / f"{key.hexdigest()[:24]}.u8"
-        if view.is_file() and view.stat().st_size == n * self._item:
-            cached = np.memmap(view, dtype=np.uint8, mode="r", shape=(n, s, s))
-            if _rows_match(cached, entries):
-                os.utime(view)
-                return cached
-            del cached
-            print(f"image cache: the aligned copy {view} was damaged; copying it again", file=sys.stderr)
-            view.unlink(missing_ok=True)
+        existing = self._existing_view(slots, entries)  # made meanwhile by another process, or just decoded
+        if existing is not None:
+            return existing
+        view = self._view_path(slots, entries)
         with self._writing():
             self._write_view(view, slots)
         self._prune_views(keep=view)
@@ -435,19 +468,90 @@ class ImageCache:
             old.unlink(missing_ok=True)
 
 
+def _request(paths: list[str], stats: dict[str, tuple | None], entries: dict[str, tuple]) -> tuple[np.ndarray, list]:
+    """(Slot of each requested path, -1 where none; its entry, None for a missing file or entry)."""
+    request = [entries.get(p) if stats[p] is not None else None for p in paths]
+    slots = np.fromiter((e[2] if e is not None else -1 for e in request), dtype=np.int64, count=len(paths))
+    return slots, request
+
+
+def _contiguous(slots: np.ndarray) -> bool:
+    first = int(slots[0]) if len(slots) else -1
+    return first >= 0 and bool(np.array_equal(slots, np.arange(first, first + len(slots))))
+
+
+_worker_pixels: int | None = None  # in a decoding process: the pixel file it writes into (`_open_pixels`)
+
+
+def _open_pixels(pixels_path: str) -> None:
+    """A decoding process's initializer: open the pixel file once for all its `_decode_into` calls."""
+    global _worker_pixels
+    _worker_pixels = os.open(pixels_path, os.O_RDWR)
+
+
+def _decode_into(path: str, size: int, slot: int, fd: int | None = None) -> tuple[bool, str | None, int | None]:
+    """Decode + resize `path` into `slot` of the pixel file (zeros when unreadable); (ok, reason,
+    CRC-32 of the pixels). The slot's space is already reserved (`ImageCache._grow`)."""
+    pixels, reason = read_resized(path, size)
+    data = pixels if pixels is not None else bytes(size * size)
+    fd = _worker_pixels if fd is None else fd
+    if os.pwrite(fd, data, slot * size * size) != len(data):
+        raise OSError(errno.ENOSPC, f"short write into slot {slot}")
+    return pixels is not None, reason, (zlib.crc32(pixels) if pixels is not None else None)
+
+
 def _valid(entry: tuple | None, st: tuple[int, int]) -> bool:
     return entry is not None and entry[0] == st[0] and entry[1] == st[1]
 
 
-def _rows_match(images: np.ndarray, entries: list) -> bool:
+def _rows_match(view: Path, entries: list, item: int) -> bool:
     """Every row of an aligned copy holds what its entry's checksum says (zeros where not decodable)."""
-    for row, e in zip(images, entries):
+    seen = 0
+    for i, row in _read_rows(view, np.arange(len(entries), dtype=np.int64), item):
+        seen += 1
+        e = entries[i]
         if e is not None and e[3] and e[5] is not None:
             if zlib.crc32(row) != e[5]:
                 return False
-        elif row.any():
+        elif np.frombuffer(row, dtype=np.uint8).any():
             return False
-    return True
+    return seen == len(entries)
+
+
+_READ_BLOCK = 16 << 20  # bytes per read when checking stored rows
+
+
+def _read_rows(path: Path, slots: np.ndarray, item: int):
+    """(i, row) for each `slots[i]` that lies inside the file of `item`-byte rows, read in runs of
+    nearby slots with pread, not through a memory map: mapped pages stay in the resident memory of
+    the process that touched them, so checksumming a 1.8 GB store through np.memmap made every
+    process that opened it (a trainer, each DataLoader worker) 1.8 GB bigger. `row` is a memoryview
+    valid until the next one."""
+    if not len(slots):
+        return
+    have = os.path.getsize(path) // item
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    inside = int(np.searchsorted(ordered, have, side="left"))
+    step = max(1, _READ_BLOCK // item)
+    buf = memoryview(bytearray(step * item))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        k = 0
+        while k < inside:
+            first = int(ordered[k])
+            j = k + 1  # extend the run while the next slot is near (a few rows read for nothing at most)
+            while j < inside and ordered[j] - first < step and ordered[j] - ordered[j - 1] <= 8:
+                j += 1
+            span = int(ordered[j - 1]) - first + 1
+            got = os.preadv(fd, [buf[:span * item]], first * item)
+            for t in range(k, j):
+                r = int(ordered[t]) - first
+                if (r + 1) * item <= got:
+                    yield int(order[t]), buf[r * item:(r + 1) * item]
+            k = j
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ torch side
@@ -483,6 +587,8 @@ def _make_dataset_class():
             self.images = images
             self.labels = labels
             self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
+            self._file = _memmap_file(images)
+            self._fd: tuple[int, int] | None = None  # (pid, fd): opened lazily in each process
 
         def __len__(self) -> int:
             return len(self.indices)
@@ -491,9 +597,9 @@ def _make_dataset_class():
             # DataLoader workers started by spawn/forkserver receive the dataset pickled; a pickled
             # np.memmap is a full in-memory copy, so send where the file is and re-open it instead
             state = dict(self.__dict__)
-            im = self.images
-            if isinstance(im, np.memmap) and isinstance(im.base, mmap.mmap) and im.filename:
-                state["images"] = ("memmap", im.filename, im.offset, im.shape, im.dtype.str)
+            state["_fd"] = None
+            if self._file is not None:
+                state["images"] = ("memmap", *self._file)
             return state
 
         def __setstate__(self, state):
@@ -501,19 +607,51 @@ def _make_dataset_class():
             if isinstance(im, tuple) and im and im[0] == "memmap":
                 _, filename, offset, shape, dtype = im
                 state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+            state.setdefault("_file", _memmap_file(state["images"]))
+            state.setdefault("_fd", None)
             self.__dict__.update(state)
+
+        def __del__(self):
+            fd = getattr(self, "_fd", None)
+            if fd is not None and fd[0] == os.getpid():
+                os.close(fd[1])
+
+        def _read(self, rows: np.ndarray) -> np.ndarray:
+            """Image rows `rows` (sorted) as a new (n, S, S) uint8 array.
+
+            From a file-backed cache, read with pread (one call per run of consecutive rows)
+            rather than through the memory map: mapped pages count in the resident memory of
+            every process that touched them, so an epoch over a memmap grows each DataLoader
+            worker by the whole cache (1.8 GB for NIH at 128 px), where a read copies out of the
+            page cache and leaves nothing behind.
+            """
+            block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
+            if self._file is None or not len(rows):
+                block[:] = self.images[rows]
+                return block
+            if self._fd is None or self._fd[0] != os.getpid():  # a forked worker gets its own
+                self._fd = (os.getpid(), os.open(self._file[0], os.O_RDONLY))
+            fd, item = self._fd[1], block[0].nbytes
+            offset = self._file[1]
+            out = block.reshape(len(rows), -1)
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+                want = (b - a) * item
+                if os.preadv(fd, [out[a:b]], offset + int(rows[a]) * item) != want:
+                    raise OSError(errno.EIO, f"{self._file[0]}: short read of the image cache")
+            return block
 
         def __getitem__(self, i: int):
             j = int(self.indices[i])
-            x = torch.from_numpy(np.array(self.images[j], dtype=np.uint8, copy=True))[None]
+            x = torch.from_numpy(self._read(np.array([j], dtype=np.int64))[0])[None]
             return x, torch.from_numpy(self.labels[j].copy())
 
         def __getitems__(self, idx: Sequence[int]):
-            # one fancy-indexed read per batch instead of one per item (DataLoader uses it when present)
+            # one read per batch (per run of rows) instead of one per item (DataLoader uses it when present)
             rows = self.indices[np.asarray(idx, dtype=np.int64)]
-            order = np.argsort(rows, kind="stable")  # sorted reads are sequential on the memmap
+            order = np.argsort(rows, kind="stable")  # sorted reads are sequential in the file
             block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-            block[order] = self.images[rows[order]]
+            block[order] = self._read(rows[order])
             x = torch.from_numpy(block)[:, None]
             y = torch.from_numpy(self.labels[rows])
             return [(x[k], y[k]) for k in range(len(rows))]
@@ -521,6 +659,14 @@ def _make_dataset_class():
     XrayTensorDataset.__module__ = __name__  # picklable as common.cache.XrayTensorDataset
     XrayTensorDataset.__qualname__ = "XrayTensorDataset"
     return XrayTensorDataset
+
+
+def _memmap_file(images) -> tuple | None:
+    """(file name, offset, shape, dtype) of a read-only file-backed np.memmap, else None."""
+    if isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap) and images.filename \
+            and images.dtype == np.uint8 and images.ndim == 3:
+        return images.filename, images.offset, images.shape, images.dtype.str
+    return None
 
 
 def random_affine_batch(

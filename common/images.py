@@ -1,6 +1,7 @@
 """Read any chest X-ray file into one 2-D uint8 grayscale array, or say exactly why not.
 
-Numpy and Pillow only (no torch; pydicom only for DICOM): the cache's worker processes, the app
+Numpy and Pillow only (no torch; pydicom only for DICOM; OpenCV, when installed, for the 8-bit
+grayscale PNGs NIH ships, the same pixels ~15-20% faster): the cache's worker processes, the app
 and the ONNX path use it.
 
 Handled: 8-bit and 16-bit grayscale, 1-bit, RGB, RGBA / LA (composited over black, the X-ray
@@ -16,6 +17,7 @@ import importlib.util
 import io
 import os
 import warnings
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -199,6 +201,64 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_cv2 = None  # OpenCV, imported on first use (None: not tried yet, False: not installed)
+
+
+def _opencv():
+    global _cv2
+    if _cv2 is None:
+        try:
+            import cv2
+
+            _cv2 = cv2
+        except ImportError:
+            _cv2 = False
+    return _cv2
+
+
+def _png_intact(data: bytes) -> bool:
+    """Every chunk complete with a matching CRC-32, up to IEND: a truncated or damaged file goes to
+    Pillow, which names the problem, instead of libpng, which would also print to stderr (~0.2 ms a
+    megabyte)."""
+    view, pos, end = memoryview(data), 8, len(data)
+    while pos + 12 <= end:
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        stop = pos + 8 + length
+        if stop + 4 > end or zlib.crc32(view[pos + 4:stop]) != int.from_bytes(view[stop:stop + 4], "big"):
+            return False
+        if view[pos + 4:pos + 8] == b"IEND":
+            return True
+        pos = stop + 4
+    return False
+
+
+def _read_gray_png(data: bytes, max_pixels: int) -> np.ndarray | None:
+    """An 8-bit grayscale PNG (NIH's kind) decoded by OpenCV when it is installed, else None.
+
+    OpenCV's libpng decodes such a file ~15-20% faster than Pillow, to the same pixels (a lossless
+    format, nothing to interpret: no palette, alpha, 16-bit or EXIF). Only that case, read from the
+    IHDR chunk; anything else, or anything OpenCV does not decode to exactly the declared shape
+    (truncated, corrupt, a transparency key), returns None and Pillow decides, with its reasons.
+    Installing OpenCV is optional (opencv-python-headless); without it every file takes Pillow.
+    """
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[24] != 8 or data[25] != 0 or not 0 < w * h <= max_pixels:  # bit depth 8, colour type 0 (gray)
+        return None
+    cv2 = _opencv()
+    if not cv2 or not _png_intact(data):
+        return None
+    try:
+        gray = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except Exception:  # cv2.error
+        return None
+    if gray is None or gray.dtype != np.uint8 or gray.shape != (h, w):
+        return None
+    return gray
+
+
 def read_grayscale(source: ImageSource, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Decode an image file (path, bytes or binary file object) to a 2-D uint8 grayscale array.
 
@@ -211,6 +271,9 @@ def read_grayscale(source: ImageSource, max_pixels: int = MAX_PIXELS, name: str 
     data = _read_bytes(source, where)
     if is_dicom(data, where):
         return read_dicom(data, where, max_pixels)
+    gray = _read_gray_png(data, max_pixels)
+    if gray is not None:
+        return gray
     im = _open(data, where, max_pixels)
     try:
         with im:
