@@ -15,6 +15,7 @@ from common.io import WriteError
 # name -> module under common.commands, in the order `--help` lists them.
 COMMANDS = {
     "data": "data",
+    "pretrain": "pretrain",
     "train": "train",
     "evaluate": "evaluate",
     "predict": "predict",

@@ -70,7 +70,7 @@ from common.synthetic import SYNTHETIC_MARKER, ensure_default
 
 __all__ = [
     "XrayData", "index_images", "load_dataset", "combine", "summarize", "select_task", "task_split",
-    "patient_split", "default_data_dirs",
+    "patient_split", "patient_folds", "default_data_dirs",
     # the label files' names, from common.labelfiles, where they live
     "NIH_CSVS", "FULL_CSV", "CARDIO_CSVS", "LAYOUT_HELP", "DatasetError", "RowProblem", "detect_layout",
     "load_labels", "problem_counts", "problems_line", "strict_default",
@@ -364,14 +364,72 @@ def select_task(frame: pd.DataFrame, task: str) -> tuple[pd.DataFrame, list[str]
     return frame.loc[unique].reset_index(drop=True), labels
 
 
-def task_split(frame: pd.DataFrame, task: str, seed: int = 0,
-               fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> tuple[pd.DataFrame, list[str]]:
-    """A task's rows (`select_task`) with a 'split' column from `patient_split`: the split `fit`
-    makes, and what every later step (evaluation, calibration, compression) recomputes from a run's
-    config. Returns (rows, output labels); no rows gives an empty frame, not an error."""
+def task_split(frame: pd.DataFrame, task: str, seed: int = 0, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+               folds: int = 0, fold: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """A task's rows (`select_task`) with a 'split' column from `patient_split` (or, with `folds`,
+    `patient_folds`): the split `fit` makes. Returns (rows, output labels); no rows gives an empty
+    frame, not an error."""
     rows, labels = select_task(frame, task)
-    rows["split"] = patient_split(rows, seed=seed, fractions=fractions).to_numpy() if len(rows) else []
+    if not len(rows):
+        rows["split"] = []
+    elif folds:
+        # folds are dealt over every labelled image, whatever the task, so a patient is in the same
+        # fold for stage 1 (Cardiomegaly) and stage 2 (14 labels): no stage-1 run has seen the
+        # patients of its stage 2's test fold
+        pool, pool_labels = select_task(frame, "all14")
+        split = patient_folds(pool, pool_labels, folds, fold, seed=seed, fractions=fractions)
+        rows["split"] = rows["image_id"].map(dict(zip(pool["image_id"], split))).to_numpy()
+    else:
+        rows["split"] = patient_split(rows, seed=seed, fractions=fractions).to_numpy()
     return rows, labels
+
+
+def patient_folds(frame: pd.DataFrame, labels: Sequence[str], folds: int, fold: int, seed: int = 0,
+                  fractions: Sequence[float] = (0.7, 0.1, 0.2)) -> pd.Series:
+    """'train' / 'dev' / 'test' per row for fold `fold` of a patient-wise `folds`-fold cross-validation.
+
+    Every patient is in exactly one fold's test split, so over the K folds every image is a test
+    image once. Official test lists are ignored (cross-validation rotates the test split). Folds
+    are stratified: patients are ordered by the rarest finding they have (then at random with
+    `seed`) and dealt round-robin, so a finding with a dozen positives has some in every fold.
+    Dev is `fractions`' dev share of the other patients, dealt evenly along the same order.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"patient_folds: expected folds >= 2 and 0 <= fold < folds, got folds={folds}, fold={fold}")
+    if "patient_id" not in frame:
+        raise ValueError("patient_folds needs a 'patient_id' column (from common.data.load_dataset)")
+    y = frame[list(labels)].to_numpy(dtype=np.float64)
+    positives = np.nansum(y == 1, axis=0)
+    # each image's rarest positive label (by count), or len(labels) for an image with none
+    rank = np.argsort(np.argsort(positives, kind="stable"), kind="stable")
+    rarest = np.where(y == 1, rank[None, :], len(labels)).min(axis=1) if len(labels) else np.zeros(len(frame))
+    pid = frame["patient_id"].astype(str).to_numpy()
+    stats = pd.DataFrame({"pid": pid, "rarest": rarest}).groupby("pid", sort=True).agg(
+        rarest=("rarest", "min"), n=("rarest", "size"))
+    rng = np.random.default_rng(seed)
+    stats["draw"] = rng.permutation(len(stats))
+    stats = stats.sort_values(["rarest", "draw"], kind="stable")
+    # deal each patient to the fold with the fewest images so far (ties: the next fold in turn), so
+    # folds hold about as many images even when some patients have many
+    images, turn = np.zeros(folds, dtype=np.int64), 0
+    fold_of = np.empty(len(stats), dtype=np.int64)
+    for i, n in enumerate(stats["n"].to_numpy()):
+        rotated = (np.arange(folds) + turn) % folds
+        k = int(rotated[np.argmin(images[rotated])])
+        fold_of[i], turn = k, k + 1
+        images[k] += n
+    assign = pd.Series("train", index=stats.index, dtype=object)
+    test = fold_of == fold
+    assign[test] = "test"
+    f = np.asarray(fractions, dtype=np.float64)
+    dev_share = f[1] / max(f[0] + f[1], 1e-12)
+    seen = dev_images = 0.0
+    for i, n in zip(np.flatnonzero(~test), stats["n"].to_numpy()[~test]):
+        seen += n
+        if dev_images + n / 2 < dev_share * seen:  # dev keeps its share of the images dealt so far
+            assign.iloc[i] = "dev"
+            dev_images += n
+    return pd.Series(assign.reindex(pid).to_numpy(), index=frame.index, name="split")
 
 
 def patient_split(

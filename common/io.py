@@ -103,6 +103,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic_write(Path(path), lambda f: f.write(data))
 
 
+def atomic_write_png(path: str | Path, fig, dpi: int = 120) -> None:
+    """A matplotlib Figure as a PNG, written atomically (a half-written plot never replaces a good one)."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 `text` to `path` through a temporary file + rename."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -3,6 +3,7 @@
     model = build_model("tf_efficientnet_b4", num_labels=14)          # random init (warns)
     model = build_model("resnet50", pretrained=True)                  # timm hub (online)
     model = build_model("resnet50", pretrained="weights.safetensors") # a local file or folder
+    model = build_model("densenet121", in_chans=1, pretrained="xrv:densenet121-res224-all")  # chest X-ray weights
     load_backbone_state(model, state)    # backbone weights kept by name and shape, head fresh
     freeze(model, 2)                     # freeze the stem and the first block group
 
@@ -15,6 +16,11 @@ width `model.num_features`; the head maps them to one logit per label. `model.bu
 exactly what `build_model` needs to rebuild the architecture (minus `pretrained`), which is what a
 run stores in config.json["model"] and `common.runs.load_run` passes back.
 
+Weights with their own input convention (torchxrayvision's, `Weights.convention`) fix the
+architecture and channels (build_model checks them) and decide the run's input: `model_input_config`
+is the one place that turns a model (and its weights) into config.json["input"] (size, mean, std,
+channels), which training, prediction, export and the app all read.
+
 Head width rule: the study's head was 1792 -> 625 -> 256 on EfficientNet-B4 (1792 features), i.e.
 about F*0.35 and F/7. We use h1 = round(F * 0.35) and h2 = round(F / 7) (627 and 256 for
 F = 1792), each at least 16 so tiny backbones still get a head wider than the 14 outputs.
@@ -22,8 +28,6 @@ F = 1792), each at least 16 so tiny backbones still get a head wider than the 14
 from __future__ import annotations
 
 import difflib
-import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -35,13 +39,24 @@ from torch import nn
 
 from common.io import load_weights
 from common.train_config import HEADS
-from common.weights import HUB, LOCAL, RANDOM, URL, Weights, find_local_weights
+from common.weights import (
+    HUB,
+    LOCAL,
+    RANDOM,
+    URL,
+    XRV,
+    InputConvention,
+    PretrainedWeightsUnavailable,
+    Weights,
+    find_local_weights,
+)
+from common.weights import reachable as _reachable
 
 __all__ = [
     "MIN_HIDDEN", "RANDOM_INIT_WARNING", "PretrainedWeightsUnavailable", "mlp_hidden_sizes", "make_head",
     "MedImagingModel", "build_model", "model_input_config", "load_backbone_state", "backbone_groups", "freeze",
     # re-exported from common.weights, where they live
-    "Weights", "find_local_weights",
+    "Weights", "find_local_weights", "InputConvention",
 ]
 
 MIN_HIDDEN = 16
@@ -51,10 +66,6 @@ RANDOM_INIT_WARNING = (
     "loaded next (a run, init_from), results will be far below published ones; pass pretrained=True "
     "(online) or pretrained='/path/to/weights.safetensors' (CLI: --pretrained PATH)."
 )
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """Hub weights were asked for but cannot be fetched (offline, or none exist for the model)."""
 
 
 def mlp_hidden_sizes(num_features: int) -> tuple[int, int]:
@@ -96,6 +107,8 @@ class MedImagingModel(nn.Module):
         self.build_kwargs = dict(build_kwargs)
         # filled when weights were loaded from a file: {"source", "kept", "dropped", "new"}
         self.pretrained_report: dict | None = None
+        # the input the starting weights expect (torchxrayvision's), read by model_input_config
+        self.input_convention: InputConvention | None = None
 
     @property
     def model_name(self) -> str:
@@ -185,18 +198,6 @@ def _cached_hub_file(model_name: str) -> Path | None:
     return None
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """Can a TCP connection to host:port be opened? (Checked first so offline fails in ~0 s, not
-    after huggingface_hub's minute of retries.)"""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy the direct probe says nothing; let the download try
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _offline_error(model_name: str, detail: str) -> PretrainedWeightsUnavailable:
     return PretrainedWeightsUnavailable(
         f"pretrained=True: could not download the pretrained weights of {model_name!r} from the timm hub "
@@ -237,8 +238,10 @@ def build_model(
 
     pretrained: a `Weights` or anything `Weights.parse` reads: False (random init, warns); True
     (timm hub; offline -> the cached download if there is one, else a clear error naming the
-    local-file option); a local weights file or folder; an http(s) URL; None = random init without
-    the warning, for callers that load trained weights right after (e.g. `common.runs.load_run`).
+    local-file option); a local weights file or folder; an http(s) URL; "xrv:NAME" (torchxrayvision's
+    chest X-ray weights: model_name must be their architecture and in_chans 1; see
+    `common.xrv_weights`); None = random init without the warning, for callers that load trained
+    weights right after (e.g. `common.runs.load_run`).
     image_size is passed to timm for models that take `img_size` (ViTs) and ignored by the others.
     Extra keyword arguments go to `timm.create_model` (e.g. drop_rate, drop_path_rate).
     """
@@ -252,6 +255,8 @@ def build_model(
     _check_model_name(model_name)
 
     weights = Weights.parse(pretrained)
+    if weights.convention is not None:
+        _check_convention(weights, model_name, int(in_chans), image_size)
     hub = weights.kind == HUB
     if hub:
         host = _hub_host(model_name)
@@ -287,7 +292,43 @@ def build_model(
     elif weights.kind in (LOCAL, URL):
         path = _download_url(weights.source) if weights.kind == URL else Path(weights.source)
         model.pretrained_report = _load_pretrained_file(model, path)
+    elif weights.kind == XRV:
+        model.pretrained_report = _load_xrv_weights(model, weights)
+    model.input_convention = weights.convention
     return model
+
+
+def _check_convention(weights: Weights, model_name: str, in_chans: int, image_size: int | None) -> None:
+    """Weights with an input convention fit one architecture with its channels; another size only warns."""
+    from timm.models import split_model_name_tag
+
+    conv = weights.convention
+    arch = split_model_name_tag(model_name)[0]
+    if arch != conv.model_name or in_chans != conv.in_chans:
+        raise ValueError(
+            f"pretrained={weights.config_value()!r} are weights of a {conv.model_name} with {conv.in_chans} input "
+            f"channel(s) at {conv.image_size} px, not of {model_name!r} with in_chans={in_chans}: use "
+            f"model_name={conv.model_name!r}, in_chans={conv.in_chans} (CLI: --model {conv.model_name} "
+            f"--in-chans {conv.in_chans} --image-size {conv.image_size})")
+    if image_size is not None and int(image_size) != conv.image_size:
+        warnings.warn(f"pretrained={weights.config_value()!r} were trained at {conv.image_size} px; this model "
+                      f"gets {image_size} px inputs (fine for a smoke run, below their published results otherwise)",
+                      UserWarning, stacklevel=3)
+
+
+def _load_xrv_weights(model: MedImagingModel, weights: Weights) -> dict:
+    """torchxrayvision's weights into the backbone: every backbone tensor must come from the file
+    (their classifier and operating-point thresholds are the only things left out)."""
+    from common import xrv_weights
+
+    path = xrv_weights.weights_file(weights)
+    state = xrv_weights.load_state(path)
+    report = load_backbone_state(model, state, source=str(path))
+    missing = [k for k in report["new"] if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: is not a complete {model.model_name} of xrv:{weights.source} ({len(missing)} "
+                         f"backbone weights missing: {', '.join(missing[:5])}); download it again")
+    return {"source": str(path), "weights": weights.config_value(), **report}
 
 
 def _download_url(url: str) -> Path:
@@ -307,17 +348,28 @@ def _download_url(url: str) -> Path:
     return target
 
 
-def model_input_config(model: nn.Module, image_size: int | None = None) -> dict:
-    """{"image_size", "mean", "std", "in_chans"} for preprocessing, from timm's data config.
+def model_input_config(model: nn.Module, image_size: int | None = None,
+                       weights: Weights | bool | str | None = None) -> dict:
+    """{"image_size", "mean", "std", "in_chans"} for preprocessing: what config.json["input"] holds.
 
-    image_size: explicit override; else the size the model was built for; else timm's default.
-    A one-channel model gets the mean of the three channel statistics (grey = R = G = B).
+    From the starting weights' input convention when they have one (torchxrayvision's: one channel,
+    mean 0.5 / std 1/2048 = its [-1024, 1024] range, its size): `weights` when given (a resumed run
+    rebuilds its model without them), else the one `build_model` loaded. Otherwise from timm's data
+    config: a one-channel model gets the mean of the three channel statistics (grey = R = G = B).
+    image_size: explicit override; else the size the model was built for; else the weights' or
+    timm's default.
     """
     from timm.data import resolve_model_data_config
 
+    build = getattr(model, "build_kwargs", {})
+    conv = (Weights.parse(weights).convention if weights is not None
+            else getattr(model, "input_convention", None))
+    if conv is not None:
+        size = image_size or build.get("image_size") or conv.image_size
+        return {"image_size": int(size), "mean": [float(v) for v in conv.mean], "std": [float(v) for v in conv.std],
+                "in_chans": int(conv.in_chans)}
     backbone = getattr(model, "backbone", model)
     cfg = resolve_model_data_config(backbone)
-    build = getattr(model, "build_kwargs", {})
     in_chans = int(build.get("in_chans") or cfg["input_size"][0])
     size = image_size or build.get("image_size") or cfg["input_size"][-1]
     mean, std = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]

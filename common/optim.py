@@ -10,20 +10,56 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_bce", "param_groups", "positive_weights", "WarmupCosine"]
+__all__ = ["masked_bce", "training_loss", "mixup", "param_groups", "positive_weights", "WarmupCosine"]
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None,
+               smoothing: float = 0.0, focal_gamma: float = 0.0) -> torch.Tensor:
     """Binary cross-entropy with logits, averaged over the known (non-NaN) targets only.
 
     A NaN target contributes nothing, not even gradient: an image labelled only for Cardiomegaly
-    teaches only the Cardiomegaly output.
+    teaches only the Cardiomegaly output. `smoothing` s moves targets to t(1 - s) + s/2;
+    `focal_gamma` > 0 weights each term by (1 - p_t)^gamma (focal loss, Lin et al. 2017), so the
+    many easy negatives of a rare finding weigh less than its hard cases.
     """
     known = ~torch.isnan(targets)
     t = torch.where(known, targets, torch.zeros_like(targets))
-    loss = F.binary_cross_entropy_with_logits(logits.float(), t, weight=known.float(), pos_weight=pos_weight,
-                                              reduction="sum")
+    if smoothing:
+        t = t * (1.0 - smoothing) + 0.5 * smoothing
+    logits = logits.float()
+    if not focal_gamma:
+        loss = F.binary_cross_entropy_with_logits(logits, t, weight=known.float(), pos_weight=pos_weight,
+                                                  reduction="sum")
+        return loss / known.sum().clamp(min=1)
+    terms = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pos_weight, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = (terms * (1 - p_t).pow(focal_gamma) * known).sum()
     return loss / known.sum().clamp(min=1)
+
+
+FOCAL_GAMMA = 2.0  # TrainConfig.loss == "focal"
+
+
+def training_loss(cfg, logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """The loss a run minimises per micro-batch, as its `TrainConfig` (loss, label_smoothing) says."""
+    return masked_bce(logits, targets, pos_weight, smoothing=cfg.label_smoothing,
+                      focal_gamma=FOCAL_GAMMA if cfg.loss == "focal" else 0.0)
+
+
+def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) of a batch with a shuffled copy of itself, drawn from `seed`.
+
+    Targets mix like the images; a label unknown (NaN) in either image stays unknown, so the mask
+    of `masked_bce` still holds.
+    """
+    if alpha <= 0 or len(inputs) < 2:
+        return inputs, targets
+    rng = np.random.default_rng(seed)
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(inputs))).to(inputs.device)
+    mixed = lam * inputs + (1 - lam) * inputs[perm]
+    return mixed, lam * targets + (1 - lam) * targets[perm]  # NaN + anything stays NaN
 
 
 class WarmupCosine:

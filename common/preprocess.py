@@ -3,7 +3,9 @@
 Numpy and Pillow only: this module must not import torch.
 The one pipeline everywhere: decode to 8-bit grayscale, resize to `image_size` x `image_size`
 with Pillow's bilinear filter, scale to [0, 1], repeat to the model's channels, normalise with the
-backbone's own mean and std (timm's `resolve_model_data_config`, never hard-coded ImageNet values).
+run's mean and std (`common.models.model_input_config`: timm's `resolve_model_data_config`, never
+hard-coded ImageNet values, or the starting weights' own convention, e.g. torchxrayvision's
+[-1024, 1024] as mean 0.5 and std 1/2048).
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ loading a run's weights into a model (`load_run`, `init_from`).
 config.json keys:
   "model":  kwargs of `common.models.build_model` except `pretrained`
             (model_name, num_labels, head, in_chans, head_dropout, ...)
-  "labels": the output order (a subset of common.labels.LABELS, in that order)
+  "labels": the output order (a subset of common.labels.LABELS, in that order); empty for a
+            pretraining run (`common.pretrain`: best.safetensors holds a backbone without a head),
+            which is an `init_from` source and not a model to load or serve
   "input":  {"image_size": int, "mean": [..], "std": [..], "in_chans": int}
   "train":  the training configuration, "data": the datasets used, "created", "version"
 
@@ -135,6 +137,9 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> R
 
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    if not cfg["labels"]:
+        raise ValueError(f"{run_dir}: a pretraining run (a backbone without a head) cannot predict; fine-tune it "
+                         f"first: `medimaging train --init-from {run_dir} ...`")
     state = load_weights(weights_file(run_dir, which))
     model = build_model(**cfg["model"], pretrained=None)  # None: no random-init warning, weights load next
     model.load_state_dict(state)
@@ -145,6 +150,14 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> R
 
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in (CONFIG, BEST, LAST))
+
+
+def source_input(source: str | Path) -> dict | None:
+    """config.json["input"] of an `init_from` source that is a run directory (None for a weights file)."""
+    source = Path(source)
+    if _is_run_dir(source) and (source / CONFIG).is_file():
+        return load_json(source / CONFIG).get("input") or None
+    return None
 
 
 def init_from(model, source: str | Path) -> dict:
@@ -174,13 +187,24 @@ def init_from(model, source: str | Path) -> dict:
         raise
 
 
+def _has_head(config_path: Path) -> bool:
+    """False for a pretraining run's config.json (no labels); an unreadable one counts as a run."""
+    try:
+        labels = load_json(config_path).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return labels is None or bool(labels)
+
+
 def find_runs(root: str | Path) -> list[Path]:
-    """Run directories below root (those with a config.json and weights), newest first.
+    """Run directories below root (those with a config.json and weights), newest first; pretraining
+    runs (no head, nothing to predict with) are not listed.
 
     Newest by config.json, written when the run was made: the folder's own mtime moves whenever
     something is added to it (an export) or the run cache reuses it."""
     root = Path(root)
     if not root.is_dir():
         return []
-    runs = [p.parent for p in root.rglob(CONFIG) if (p.parent / BEST).is_file() or (p.parent / LAST).is_file()]
+    runs = [p.parent for p in root.rglob(CONFIG)
+            if ((p.parent / BEST).is_file() or (p.parent / LAST).is_file()) and _has_head(p)]
     return sorted(runs, key=lambda p: (p / CONFIG).stat().st_mtime, reverse=True)

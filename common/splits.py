@@ -75,7 +75,8 @@ def _recompute(run_dir: Path, cfg: dict, rows: pd.DataFrame) -> pd.DataFrame:
           "from its data folders, which is only right if they have not changed since", file=sys.stderr)
     train = cfg.get("train") or {}
     fractions = tuple(float(f) for f in train.get("split_fractions", (0.7, 0.1, 0.2)))
-    frame, _ = task_split(rows, _task(run_dir, cfg), seed=int(train.get("seed", 49)), fractions=fractions)
+    frame, _ = task_split(rows, _task(run_dir, cfg), seed=int(train.get("seed", 49)), fractions=fractions,
+                          folds=int(train.get("folds", 0)), fold=int(train.get("fold", 0)))
     return frame.rename(columns={"image_id": IMAGE, "patient_id": PATIENT})
 
 

@@ -12,9 +12,10 @@ What a run does, top to bottom (`fit`):
   2. model: `build_model` (any timm name), optionally `init_from` an earlier run (stage 1 -> 2) and
      `freeze` the first K stages; config.json records everything needed to rebuild it.
   3. loop: AdamW, linear warmup then cosine decay per optimiser step, gradient accumulation, BCE
-     masked where a label is NaN, bf16 autocast + channels_last on CUDA; the dev split is scored
-     each epoch (metrics.csv); best.safetensors keeps the best dev mean AUROC (dev loss when the
-     AUROC is undefined); early stopping; `max_steps` for smoke runs.
+     masked where a label is NaN (optionally focal, smoothed, on mixed-up batches), bf16 autocast +
+     channels_last on CUDA; the dev split is scored each epoch (metrics.csv), with the weights'
+     moving average when `ema` is set; best.safetensors keeps the best dev mean AUROC (dev loss when
+     the AUROC is undefined; the last epoch when `keep_best` is off); early stopping; `max_steps`.
   4. end: best weights predict the test split -> test_predictions.csv, thresholds tuned on dev ->
      thresholds.json, metrics.json (test metrics + "dev" + "run"), roc.png.
 Each scored epoch also goes to TensorBoard's event files in the run folder (`tensorboard --logdir`
@@ -37,7 +38,6 @@ gathered across ranks and de-duplicated, logs / progress / checkpoints on rank 0
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,10 +55,11 @@ import common
 from common import distributed, runs
 from common.cache import XrayTensorDataset
 from common.data import select_task
+from common.io import atomic_write_png
 from common.distributed import DistInfo
 from common.metrics import evaluate_predictions, format_table, plot_roc, tune_thresholds
 from common.models import build_model, freeze, model_input_config
-from common.optim import WarmupCosine, masked_bce, param_groups, positive_weights
+from common.optim import WarmupCosine, masked_bce, mixup, param_groups, positive_weights, training_loss
 from common.runs import init_from
 from common.serving import PREDICTIONS_IMAGE_COLUMN, sigmoid
 from common.splits import write_split
@@ -104,8 +105,14 @@ def model_kwargs(cfg: TrainConfig, num_labels: int) -> dict:
             "image_size": cfg.image_size, "head_dropout": cfg.head_dropout}
 
 
-def _input_config(model: torch.nn.Module, image_size: int) -> dict:
-    ic = dict(model_input_config(model, image_size=image_size))
+def _input_config(model: torch.nn.Module, cfg: TrainConfig) -> dict:
+    # from the configured weights, not the model's: a resumed run rebuilds its model without them
+    ic = dict(model_input_config(model, image_size=cfg.image_size, weights=cfg.weights))
+    source = runs.source_input(cfg.init_from) if cfg.init_from else None
+    if source and int(source.get("in_chans", -1)) == int(ic["in_chans"]):
+        # a backbone from an earlier run keeps the intensity scale it learned on (e.g. a stage 1
+        # started from torchxrayvision's weights passes their [-1024, 1024] range to stage 2)
+        ic["mean"], ic["std"] = source["mean"], source["std"]
     return {"image_size": int(ic["image_size"]), "mean": [float(v) for v in ic["mean"]],
             "std": [float(v) for v in ic["std"]], "in_chans": int(ic["in_chans"])}
 
@@ -170,6 +177,7 @@ class _Loop:
     schedule: WarmupCosine
     optimizer: torch.optim.Optimizer
     pos_weight: torch.Tensor | None
+    ema: torch.nn.Module | None  # the weights' moving average (cfg.ema), scored and kept instead of raw_model
     loss_hook: Callable | None  # FitHooks.loss
     dev: EvalSplit
     test: EvalSplit
@@ -189,7 +197,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks
     data = _load_data(cfg, out, log, info, show,
                       write_split_csv=ckpt is None or not (out / runs.SPLIT_CSV).is_file())
     model, init_info, frozen = _build_model(cfg, data.labels, ckpt, hooks, log)
-    input_cfg = _input_config(model, cfg.image_size)
+    input_cfg = _input_config(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model {cfg.model_name} ({cfg.head} head, {len(data.labels)} output{'s' if len(data.labels) > 1 else ''}): "
@@ -275,10 +283,10 @@ def _build_model(cfg: TrainConfig, labels: list[str], ckpt: dict | None, hooks: 
     mkw = model_kwargs(cfg, len(labels))
     init_info: dict | None = None
     if ckpt is not None:
-        model = build_model(**mkw, pretrained=False)  # weights come from the checkpoint
+        model = build_model(**mkw, pretrained=None)  # weights come from the checkpoint
         init_info = ckpt.get("init")
     else:
-        model = build_model(**mkw, pretrained=cfg.weights if cfg.init_from is None else False)
+        model = build_model(**mkw, pretrained=cfg.weights if cfg.init_from is None else None)  # None: no warning, weights follow
         if cfg.init_from is not None:
             if not cfg.weights.is_random:
                 log("init_from given: the backbone comes from it, so --pretrained is not loaded")
@@ -335,18 +343,25 @@ def _setup_loop(cfg: TrainConfig, info: DistInfo, device: torch.device, out: Pat
     schedule = WarmupCosine(warmup, total_steps, cfg.min_lr_ratio)
     dev = eval_split("dev", data.split_index["dev"], dataset, cfg, info, cuda)
     test = eval_split("test", data.split_index["test"], dataset, cfg, info, cuda)
-    transform = BatchTransform(input_cfg, device, channels_last=channels_last, degrees=cfg.rotate_degrees)
+    transform = BatchTransform.for_training(input_cfg, device, cfg, channels_last=channels_last)
     pos_weight = None
     if cfg.pos_weight:
         pw = positive_weights(data.y[train_rows])
         pos_weight = torch.from_numpy(pw).to(device)
         log("pos_weight (neg/pos on train): " + ", ".join(f"{n} {w:.2f}" for n, w in zip(data.labels, pw)))
     optimizer = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, fused=cuda or None)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3  # timm's EMA, with warmup: early steps average over fewer
+
+        ema = ModelEmaV3(raw_model, decay=cfg.ema, use_warmup=True)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
     # on resume, events logged after the checkpoint's step are dropped (they are logged again)
     tensorboard = TensorBoardLog(out, log, enabled=info.is_main, resume_step=ckpt["step"] + 1 if ckpt else None)
     return _Loop(cfg=cfg, info=info, device=device, out=out, log=log, show=show, data=data, raw_model=raw_model,
                  model=model, amp=amp, transform=transform, sampler=sampler, loader=loader, n_micro=n_micro,
-                 schedule=schedule, optimizer=optimizer, pos_weight=pos_weight, loss_hook=hooks.loss, dev=dev,
+                 schedule=schedule, optimizer=optimizer, pos_weight=pos_weight, ema=ema, loss_hook=hooks.loss, dev=dev,
                  test=test, init_info=init_info, tensorboard=tensorboard)
 
 
@@ -428,12 +443,14 @@ def _micro_batch(loop: _Loop, epoch: int, micro: int, x: torch.Tensor, y: torch.
     gen = torch.Generator(device="cpu").manual_seed(seed) if cfg.augment else None
     inputs = loop.transform(x, gen)
     targets = y.to(loop.device, non_blocking=True)
+    if cfg.mixup:
+        inputs, targets = mixup(inputs, targets, cfg.mixup, seed)
     # DDP averages gradients across ranks only on the micro-batch that ends an accumulation group
     no_sync = loop.model.no_sync() if info.enabled and not sync_now else contextlib.nullcontext()
     with no_sync:
         with loop.amp:
             logits = loop.model(inputs)
-        loss = masked_bce(logits, targets, loop.pos_weight)
+        loss = training_loss(cfg, logits, targets, loop.pos_weight)
         if loop.loss_hook is not None:
             loss = loop.loss_hook(loss, logits, targets, inputs)
         (loss / group_size).backward()
@@ -449,6 +466,13 @@ def _optimizer_step(loop: _Loop, state: LoopState) -> None:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    if loop.ema is not None:
+        loop.ema.update(loop.raw_model, step=state.step)
+
+
+def _scored(loop: _Loop) -> torch.nn.Module:
+    """The weights dev scores and best.safetensors keeps: the moving average when the run keeps one."""
+    return loop.ema.module if loop.ema is not None else loop.raw_model
 
 
 def _end_epoch(loop: _Loop, state: LoopState, epoch: int, seconds: float, images: int) -> bool:
@@ -459,7 +483,7 @@ def _end_epoch(loop: _Loop, state: LoopState, epoch: int, seconds: float, images
     if state.loss_count:
         s, n = distributed.all_reduce_sum(info, [state.loss_sum, state.loss_count], loop.device)
         train_loss = s / n
-    scores = dev_scores(predict_logits(loop.raw_model, loop.dev, loop.transform, loop.amp, info, loop.show),
+    scores = dev_scores(predict_logits(_scored(loop), loop.dev, loop.transform, loop.amp, info, loop.show),
                          loop.data.y[loop.dev.rows], loop.data.labels) \
         if len(loop.dev.rows) else {"loss": None, "mean_auroc": None, "mean_accuracy": None}
     if scores["mean_auroc"] is not None:
@@ -470,18 +494,19 @@ def _end_epoch(loop: _Loop, state: LoopState, epoch: int, seconds: float, images
         metric, score = "epoch", float(epoch)  # no dev split: the latest epoch is the best one
     if state.best_metric not in (None, metric):
         state.best_score = None  # the dev AUROC became (un)defined: compare like with like
-    improved = state.best_score is None or score > state.best_score
+    improved = state.best_score is None or score > state.best_score or not cfg.keep_best
     if improved:
         state.best_score, state.best_metric, state.best_epoch, state.bad_epochs = score, metric, epoch, 0
         if info.is_main:
-            runs.save_weights(loop.raw_model.state_dict(), loop.out / runs.BEST)
+            runs.save_weights(_scored(loop).state_dict(), loop.out / runs.BEST)
     else:
         state.bad_epochs += 1
     state.history.append({
         "epoch": epoch, "step": state.step, "train_loss": train_loss, "dev_loss": scores["loss"],
         "dev_mean_auroc": scores["mean_auroc"], "dev_mean_accuracy": scores["mean_accuracy"],
         "lr": loop.optimizer.param_groups[0]["lr"],
-        "images_per_s": round(images / seconds, 2) if seconds > 0 and images else None, "best": improved,
+        "images_per_s": round(images / seconds, 2) if seconds > 0 and images else None,
+        "seconds": round(seconds, 2), "best": improved,
     })
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     log(f"epoch {epoch}/{cfg.epochs}: step {state.step}, train loss {fmt(train_loss)}, dev loss {fmt(scores['loss'])}, "
@@ -499,7 +524,7 @@ def _end_epoch(loop: _Loop, state: LoopState, epoch: int, seconds: float, images
 def _save_checkpoint(loop: _Loop, state: LoopState) -> None:
     save_checkpoint(loop.out / runs.LAST, loop.info, model=loop.raw_model, optimizer=loop.optimizer,
                     scheduler={**loop.schedule.state_dict(), "step": state.step}, config=loop.cfg.asdict(),
-                    init=loop.init_info, state=state)
+                    init=loop.init_info, state=state, ema=loop.ema)
 
 
 def _summarise(names: Sequence[str], limit: int = 4) -> str:
@@ -545,12 +570,13 @@ def _finish(loop: _Loop, state: LoopState) -> Path:
             [h for h in state.history if h["train_loss"] is not None]),
         "steps": state.step, "best_epoch": state.best_epoch, "best_metric": state.best_metric,
         "best_score": state.best_score, "world_size": info.world_size,
+        "train_seconds": round(sum(h.get("seconds") or 0.0 for h in state.history), 1),
     }
     if test_prob is not None:
         metrics = evaluate_predictions(y_test, test_prob, labels, thresholds=thresholds, n_boot=cfg.n_boot,
                                        seed=cfg.seed)
-        _write_roc(out, y_test, test_prob, labels,
-                   f"{cfg.model_name}, {cfg.task}: test ROC" + (" (SYNTHETIC data)" if data.synthetic else ""))
+        title = f"{cfg.model_name}, {cfg.task}: test ROC" + (" (SYNTHETIC data)" if data.synthetic else "")
+        atomic_write_png(out / runs.ROC_PNG, plot_roc(y_test, test_prob, labels, title=title))
     else:
         log("test split is empty: test_predictions.csv has no rows and metrics.json no test metrics "
             "(add data, or change split_fractions)")
@@ -570,9 +596,3 @@ def _probabilities(loop: _Loop, split: EvalSplit) -> np.ndarray | None:
         return None
     return sigmoid(predict_logits(loop.raw_model, split, loop.transform, loop.amp, loop.info, loop.show))
 
-
-def _write_roc(out: Path, y: np.ndarray, prob: np.ndarray, labels: list[str], title: str) -> None:
-    fig = plot_roc(y, prob, labels, title=title)  # a Figure, no pyplot state
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    runs.atomic_write_bytes(out / runs.ROC_PNG, buf.getvalue())

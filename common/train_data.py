@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from common import distributed
+from common.augment import random_intensity_batch
 from common.cache import ImageCache, random_affine_batch
 from common.data import combine, default_data_dirs, load_dataset, task_split
 from common.distributed import DistInfo
@@ -70,7 +71,8 @@ def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
     sets = [load_dataset(r) for r in roots]
     infos = [_dataset_info(ds, log) for ds in sets]
     data = combine(sets)
-    frame, labels = task_split(data.frame, cfg.task, seed=cfg.seed, fractions=cfg.split_fractions)
+    frame, labels = task_split(data.frame, cfg.task, seed=cfg.seed, fractions=cfg.split_fractions,
+                               folds=cfg.folds, fold=cfg.fold)
     log(f"task {cfg.task}: {len(frame)} of {len(data.frame)} images kept, outputs {labels}")
     if not len(frame):
         raise ValueError(f"task {cfg.task!r}: no image in {[str(r) for r in roots]} has a known label for "
@@ -83,7 +85,8 @@ def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print, progress:
         log(f"images: {len(unreadable)} unreadable file(s) skipped (listed in {UNREADABLE_CSV})")
     split_index = {s: np.flatnonzero(ok & (frame["split"].to_numpy() == s)) for s in ("train", "dev", "test")}
     counts = {s: len(i) for s, i in split_index.items()}
-    log("split by patient (seed {}): train {train} / dev {dev} / test {test} images".format(cfg.seed, **counts))
+    how = f"fold {cfg.fold} of {cfg.folds} as test, seed {cfg.seed}" if cfg.folds else f"seed {cfg.seed}"
+    log("split by patient ({}): train {train} / dev {dev} / test {test} images".format(how, **counts))
     y = frame[labels].to_numpy(dtype=np.float32)
     return PreparedData(frame=frame, labels=labels, y=y, images=cached.images, split_index=split_index,
                         datasets=infos, synthetic=any(i["synthetic"] for i in infos), unreadable=unreadable)
@@ -114,7 +117,8 @@ class BatchTransform:
     per batch on the device, so a cached uint8 batch costs almost nothing to move.
     """
 
-    def __init__(self, input_cfg: dict, device: torch.device, channels_last: bool = False, degrees: float = 20.0):
+    def __init__(self, input_cfg: dict, device: torch.device, channels_last: bool = False, degrees: float = 20.0,
+                 zoom: float = 0.1, translate: float = 0.05, intensity: float = 0.0):
         c = int(input_cfg["in_chans"])
         mean = np.resize(np.asarray(input_cfg["mean"], dtype=np.float32)[:c], c)
         std = np.resize(np.asarray(input_cfg["std"], dtype=np.float32)[:c], c)
@@ -124,12 +128,24 @@ class BatchTransform:
         self.device = device
         self.channels_last = channels_last
         self.degrees = degrees
+        self.zoom = zoom
+        self.translate = translate
+        self.intensity = intensity
+
+    @classmethod
+    def for_training(cls, input_cfg: dict, device: torch.device, cfg: TrainConfig,
+                     channels_last: bool = False) -> BatchTransform:
+        """The transform with a run's augmentation settings (`cfg.rotate_degrees`, zoom, ...)."""
+        return cls(input_cfg, device, channels_last=channels_last, degrees=cfg.rotate_degrees, zoom=cfg.zoom,
+                   translate=cfg.translate, intensity=cfg.intensity)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
         if generator is not None:
             # augment the single grey channel before repeating it: C times less work
-            x = random_affine_batch(x, generator, degrees=self.degrees)
+            x = random_affine_batch(x, generator, degrees=self.degrees, scale=(1 - self.zoom, 1 + self.zoom),
+                                    translate=self.translate)
+            x = random_intensity_batch(x, generator, self.intensity)
         x = x.expand(-1, self.in_chans, -1, -1)
         x = (x - self.mean) / self.std
         if self.channels_last:

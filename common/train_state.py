@@ -2,7 +2,8 @@
 
 `LoopState` (where training stands) and checkpoints/last.pt, the per-micro-batch seeds and the
 global RNG states, log.txt (`RunLog`), metrics.csv, TensorBoard's event files (`TensorBoardLog`),
-and the check that a rerun in the same folder is the same run.
+and the check that a rerun in the same folder is the same run (`common.pretrain` shares the
+checkpoint and the check).
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import csv
 import dataclasses
 import io
 import random
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +23,8 @@ from tqdm.auto import tqdm
 
 from common import distributed, runs
 from common.distributed import DistInfo
-from common.train_config import TrainConfig
+from common.pretrain_config import PretrainConfig
+from common.train_config import ADDED_KNOBS, TrainConfig
 
 __all__ = ["LoopState", "RunLog", "write_metrics_csv", "TensorBoardLog", "micro_seed",
            "rng_state", "set_rng_state", "save_checkpoint", "check_same_run", "RESUMABLE_CHANGES"]
@@ -159,27 +163,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_same_run(saved: dict, cfg: TrainConfig, where: Path) -> list[str]:
-    """Raise when `cfg` would compute a different run than the one in `where`; list allowed changes."""
+def check_same_run(saved: dict, cfg: TrainConfig | PretrainConfig, where: Path,
+                   resumable: Container[str] = RESUMABLE_CHANGES, added: Mapping[str, Any] = ADDED_KNOBS,
+                   what: str = "run") -> list[str]:
+    """Raise when `cfg` would compute a different run than the one in `where`; list allowed changes.
+
+    `resumable`: the fields that may differ (how to run, not what to compute); `added`: the values
+    of knobs added since a run was saved, as that run used them; `what` names the run in the error.
+    """
     now = cfg.asdict()
+    saved = {**added, **saved}  # a knob added after the run was saved: what the run did
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if any(k == "split_fractions" for k in changed) and list(saved.get("split_fractions", [])) == list(now["split_fractions"]):
+    if ("split_fractions" in changed and "split_fractions" in now
+            and list(saved.get("split_fractions", [])) == list(now["split_fractions"])):
         changed.remove("split_fractions")  # a tuple read back from JSON is a list
-    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    blocking = [k for k in changed if k not in resumable]
     if blocking:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking)
-        raise ValueError(f"{where}: holds a run with different settings ({detail}). Resume it with the same "
+        raise ValueError(f"{where}: holds a {what} with different settings ({detail}). Resume it with the same "
                          "settings, or give a new --out for a new run.")
     return [k for k in changed if k != "out"]
 
 
 def save_checkpoint(path: Path, info: DistInfo, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: dict, config: dict, init: dict | None, state: LoopState) -> None:
+                    scheduler: dict, config: dict, init: dict | None, state: LoopState,
+                    ema: torch.nn.Module | None = None, **extra: Any) -> None:
     """checkpoints/last.pt (rank 0; every rank waits): the weights, optimiser, schedule, RNG states,
-    the configuration and the loop state (its fields as top-level keys)."""
+    the configuration, `extra` (a caller's own top-level keys, e.g. pretraining's "method"), the
+    loop state (its fields as top-level keys) and the weights' moving average when the run keeps one."""
     if info.is_main:
+        fields = {f.name for f in dataclasses.fields(state)}
+        clash = set(extra) & ({"model", "optimizer", "scheduler", "rng", "config", "init", "ema"} | fields)
+        if clash:
+            raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} would overwrite the checkpoint's own")
         runs.atomic_torch_save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler,
-            "rng": rng_state(), "config": config, "init": init, **dataclasses.asdict(state),
+            "rng": rng_state(), "config": config, "init": init, **extra, **dataclasses.asdict(state),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         }, path)
     distributed.barrier(info)

@@ -73,9 +73,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, nih_sampl
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert "test split" in clean.stdout and "| Cardiomegaly |" in clean.stdout  # prints the final table
 
-    _close(json.loads((killed / "metrics.json").read_text()), json.loads((straight / "metrics.json").read_text()))
-    a = pd.read_csv(killed / "metrics.csv").drop(columns="images_per_s")
-    b = pd.read_csv(straight / "metrics.csv").drop(columns="images_per_s")
+    timed = [json.loads((run / "metrics.json").read_text()) for run in (killed, straight)]
+    for m in timed:
+        assert m["run"].pop("train_seconds") > 0  # wall-clock: the one field that differs
+    _close(*timed)
+    a = pd.read_csv(killed / "metrics.csv").drop(columns=["images_per_s", "seconds"])
+    b = pd.read_csv(straight / "metrics.csv").drop(columns=["images_per_s", "seconds"])
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6, rtol=0)
     assert len(a) == 2
     wa, wb = runs.load_weights(killed / "best.safetensors"), runs.load_weights(straight / "best.safetensors")

@@ -14,6 +14,7 @@ The package, in the order data flows through it:
     datasets      which folders an experiment uses (`DataSpec`), their identity in run keys
     runcache      the run cache: key, finished, lock, `cached_fit` (train or reuse)
     stages        one TrainConfig per training; stage 1 and stage 2 through the run cache
+    crossval      patient-wise K-fold cross-validation of one TrainConfig, CIs across folds
     heldout       a run's test split joined with its test predictions
     tables        `Table` and the number formats every table uses
     notebooks     the reproduce order of the notebooks
@@ -44,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "runcache": ("run_key", "cache_key", "is_finished", "RUN_LOCK", "run_lock", "RunRef", "touch_used",
                  "cached_fit"),
     "stages": ("train_config",),
+    "crossval": ("CrossValidation", "cross_validate", "compare_inits", "paired_difference", "t_interval"),
     "heldout": ("HeldOut", "held_out"),
     "tables": ("Table", "pct", "num", "with_ci", "baseline_row", "model_row", "per_label_table"),
     "notebooks": ("Notebook", "NOTEBOOKS", "notebook_names", "runs_dir"),

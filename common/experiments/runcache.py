@@ -29,6 +29,7 @@ from common.compress.base import COMPRESSION_JSON
 from common.experiments.datasets import dataset_identity, display_path
 from common.experiments.notebooks import COMPRESSED_SEP, is_compressed, runs_dir
 from common.serving import EXPORT_DIR, ONNX_META
+from common.train_config import ADDED_KNOBS
 
 # Fields of TrainConfig that say how to run, not what to compute: not part of a run's key.
 _HOW_TO_RUN = ("out", "progress", "num_workers", "device", "eval_batch_size", "checkpoint_every")
@@ -51,6 +52,9 @@ def run_key(config) -> str:
     d = config.asdict()
     for k in _HOW_TO_RUN:
         d.pop(k, None)
+    for k, neutral in ADDED_KNOBS.items():  # runs made before a knob existed keep their keys
+        if d.get(k) == neutral:
+            d.pop(k)
     if not config.data:
         raise ValueError("run_key: the configuration names no data folders (TrainConfig.data is empty)")
     d["data"] = [dataset_identity(p) for p in config.data]

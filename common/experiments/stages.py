@@ -15,7 +15,7 @@ from common.experiments.datasets import DataSpec, resolve_data
 from common.experiments.notebooks import STAGE1, runs_dir
 from common.experiments.profiles import Knobs, Profile, get_profile
 from common.experiments.runcache import RunRef, cached_fit
-from common.train_config import TrainConfig
+from common.train_config import TrainConfig, recipe_defaults
 
 
 def _workers(wanted: int) -> int:
@@ -27,16 +27,26 @@ def _workers(wanted: int) -> int:
 def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *, init_from: str | Path | None = None,
                  freeze: int = 0, image_size: int | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, head: str = "mlp", seed: int = 49):
-    """The TrainConfig of one training of the suite (everything but `out`)."""
+    """The TrainConfig of one training of the suite (everything but `out`).
+
+    The quick profile on real data trains from random weights, so it follows the small-data recipe
+    (`common.train_config.SMALL_DATA_RECIPE`, measured by bench/bench_recipe.py) for everything but
+    the backbone, which stays the experiment's; knobs given explicitly still win."""
+    pretrained = profile.pretrained_for(profile.model_for(model_name)) if init_from is None else False
+    settings = dict(image_size=profile.image_size, epochs=profile.epochs, batch_size=profile.batch_size,
+                    lr=profile.lr, warmup_steps=profile.warmup_steps, patience=profile.patience)
+    if not profile.smoke and profile.weights.is_random:
+        recipe = recipe_defaults("auto", data.dirs(), False)
+        recipe.pop("model_name", None)
+        settings.update(recipe)
+    knobs = dict(image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr)
+    settings.update({k: v for k, v in knobs.items() if v})
     return TrainConfig(
         data=data.dirs(), task=task, model_name=profile.model_for(model_name), head=head,
         # a run that starts from another run's backbone needs no hub download first
-        pretrained=profile.pretrained_for(profile.model_for(model_name)) if init_from is None else False,
-        init_from=str(init_from) if init_from is not None else None, freeze=int(freeze),
-        image_size=int(image_size or profile.image_size), epochs=int(epochs or profile.epochs),
-        max_steps=profile.max_steps, batch_size=int(batch_size or profile.batch_size), lr=float(lr or profile.lr),
-        warmup_steps=profile.warmup_steps, patience=profile.patience, n_boot=profile.n_boot, seed=int(seed),
-        num_workers=_workers(profile.num_workers), out="",
+        pretrained=pretrained, init_from=str(init_from) if init_from is not None else None, freeze=int(freeze),
+        max_steps=profile.max_steps, n_boot=profile.n_boot, seed=int(seed),
+        num_workers=_workers(profile.num_workers), out="", **settings,
     )
 
 
