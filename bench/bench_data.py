@@ -60,7 +60,8 @@ def cached_epoch(images, labels, mean, std, batch_size, seed) -> float:
     """Seconds for one epoch from the memmap cache with batched augmentation."""
     import torch
 
-    from common.cache import XrayTensorDataset, random_affine_batch
+    from common.augment import random_affine_batch
+    from common.cache import XrayTensorDataset
 
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(XrayTensorDataset(images, labels), batch_size=batch_size, shuffle=True,

@@ -1,4 +1,4 @@
-"""Decode once: a resized uint8 image cache on disk, a torch Dataset over it, batched augmentation.
+"""Decode once: a resized uint8 image cache on disk, served as arrays aligned with the requested paths.
 
 Decoding a 1024x1024 PNG costs ~10-15 ms per core; a training epoch must not pay it again. Each
 image is decoded once (`read_grayscale` → `resize_gray`) into a per-size store:
@@ -26,12 +26,14 @@ write their images into the store themselves, so a build costs what decoding cos
 and the Dataset's batches are read with pread, not through the memory map, so opening the store
 or an epoch over it does not leave the whole store in a process's resident memory; a request
 served from an existing aligned copy checks that copy's rows only.
+
+The torch Dataset over the store is `common.cache_dataset.XrayTensorDataset` (also importable from
+here, without importing torch until it is used); batched augmentation is `common.augment`.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
-import mmap
 import os
 import sqlite3
 import sys
@@ -44,7 +46,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -52,9 +53,6 @@ from tqdm.auto import tqdm
 from common.images import read_resized
 from common.io import WriteError
 from common.paths import cache_root  # noqa: F401  (re-exported: common.cache.cache_root)
-
-if TYPE_CHECKING:  # torch is imported lazily (see below)
-    import torch
 
 STORE_VERSION = "images-v1"
 STORE_LOCK = "lock"  # in each <size>px store: held while decoding into it
@@ -555,160 +553,12 @@ def _read_rows(path: Path, slots: np.ndarray, item: int):
 
 
 # ------------------------------------------------------------------------------------ torch side
-# torch is imported on first use of these names, not with the module: the cache, `medimaging data`
-# and the synthetic generator (and their worker processes) never pay torch's import time.
-_LAZY: dict = {}
-
-
+# XrayTensorDataset (common.cache_dataset) imports torch, so its module is imported on first use of
+# the name, not with this one: the cache, `medimaging data` and the synthetic generator (and their
+# worker processes) never pay torch's import time.
 def __getattr__(name: str):
     if name == "XrayTensorDataset":
-        if name not in _LAZY:
-            _LAZY[name] = _make_dataset_class()
-        return _LAZY[name]
+        from common.cache_dataset import XrayTensorDataset
+
+        return XrayTensorDataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _make_dataset_class():
-    import torch
-
-    class XrayTensorDataset(torch.utils.data.Dataset):
-        """Item i → (uint8 tensor [1, S, S], float32 tensor [L] with NaN for unlabelled).
-
-        `images` (N, S, S) uint8 (e.g. `CachedImages.images`) and `labels` (N, L) are aligned; the
-        optional `indices` selects the rows this dataset exposes (a split) without copying the images.
-        """
-
-        def __init__(self, images: np.ndarray, labels, indices: Sequence[int] | None = None):
-            labels = np.asarray(labels, dtype=np.float32)
-            if labels.ndim == 1:
-                labels = labels[:, None]
-            if len(images) != len(labels):
-                raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must have the same length")
-            self.images = images
-            self.labels = labels
-            self.indices = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
-            self._file = _memmap_file(images)
-            self._fd: tuple[int, int] | None = None  # (pid, fd): opened lazily in each process
-
-        def __len__(self) -> int:
-            return len(self.indices)
-
-        def __getstate__(self):
-            # DataLoader workers started by spawn/forkserver receive the dataset pickled; a pickled
-            # np.memmap is a full in-memory copy, so send where the file is and re-open it instead
-            state = dict(self.__dict__)
-            state["_fd"] = None
-            if self._file is not None:
-                state["images"] = ("memmap", *self._file)
-            return state
-
-        def __setstate__(self, state):
-            im = state["images"]
-            if isinstance(im, tuple) and im and im[0] == "memmap":
-                _, filename, offset, shape, dtype = im
-                state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
-            state.setdefault("_file", _memmap_file(state["images"]))
-            state.setdefault("_fd", None)
-            self.__dict__.update(state)
-
-        def __del__(self):
-            fd = getattr(self, "_fd", None)
-            if fd is not None and fd[0] == os.getpid():
-                os.close(fd[1])
-
-        def _read(self, rows: np.ndarray) -> np.ndarray:
-            """Image rows `rows` (sorted) as a new (n, S, S) uint8 array.
-
-            From a file-backed cache, read with pread (one call per run of consecutive rows)
-            rather than through the memory map: mapped pages count in the resident memory of
-            every process that touched them, so an epoch over a memmap grows each DataLoader
-            worker by the whole cache (1.8 GB for NIH at 128 px), where a read copies out of the
-            page cache and leaves nothing behind.
-            """
-            block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-            if self._file is None or not len(rows):
-                block[:] = self.images[rows]
-                return block
-            if self._fd is None or self._fd[0] != os.getpid():  # a forked worker gets its own
-                self._fd = (os.getpid(), os.open(self._file[0], os.O_RDONLY))
-            fd, item = self._fd[1], block[0].nbytes
-            offset = self._file[1]
-            out = block.reshape(len(rows), -1)
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-                want = (b - a) * item
-                if os.preadv(fd, [out[a:b]], offset + int(rows[a]) * item) != want:
-                    raise OSError(errno.EIO, f"{self._file[0]}: short read of the image cache")
-            return block
-
-        def __getitem__(self, i: int):
-            j = int(self.indices[i])
-            x = torch.from_numpy(self._read(np.array([j], dtype=np.int64))[0])[None]
-            return x, torch.from_numpy(self.labels[j].copy())
-
-        def __getitems__(self, idx: Sequence[int]):
-            # one read per batch (per run of rows) instead of one per item (DataLoader uses it when present)
-            rows = self.indices[np.asarray(idx, dtype=np.int64)]
-            order = np.argsort(rows, kind="stable")  # sorted reads are sequential in the file
-            block = np.empty((len(rows), *self.images.shape[1:]), dtype=np.uint8)
-            block[order] = self._read(rows[order])
-            x = torch.from_numpy(block)[:, None]
-            y = torch.from_numpy(self.labels[rows])
-            return [(x[k], y[k]) for k in range(len(rows))]
-
-    XrayTensorDataset.__module__ = __name__  # picklable as common.cache.XrayTensorDataset
-    XrayTensorDataset.__qualname__ = "XrayTensorDataset"
-    return XrayTensorDataset
-
-
-def _memmap_file(images) -> tuple | None:
-    """(file name, offset, shape, dtype) of a read-only file-backed np.memmap, else None."""
-    if isinstance(images, np.memmap) and isinstance(images.base, mmap.mmap) and images.filename \
-            and images.dtype == np.uint8 and images.ndim == 3:
-        return images.filename, images.offset, images.shape, images.dtype.str
-    return None
-
-
-def random_affine_batch(
-    x: torch.Tensor,
-    generator: torch.Generator,
-    degrees: float = 20.0,
-    scale: tuple[float, float] = (0.9, 1.1),
-    translate: float = 0.05,
-    fill: float = 0.0,
-) -> torch.Tensor:
-    """Random rotation (±degrees), zoom and shift of each image of a float [B, C, H, W] batch.
-
-    One sampling grid + grid_sample for the whole batch; the same generator state gives the same
-    output. Apply it to images scaled to [0, 1] before normalisation: uncovered corners get
-    `fill` (0 = black, as the original study's torchvision rotation did).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if x.ndim != 4 or not torch.is_floating_point(x):
-        raise TypeError(f"random_affine_batch needs a float [B, C, H, W] tensor, got {tuple(x.shape)} {x.dtype}")
-    b, _, h, w = x.shape
-    if b == 0:
-        return x
-    dev = generator.device
-    u = torch.rand(b, 4, generator=generator, device=dev, dtype=torch.float32).to(x.device)
-    angle = torch.deg2rad((u[:, 0] * 2 - 1) * degrees)
-    zoom = scale[0] + u[:, 1] * (scale[1] - scale[0])
-    tx = (u[:, 2] * 2 - 1) * translate * 2  # fraction of the width → normalised [-1, 1] units
-    ty = (u[:, 3] * 2 - 1) * translate * 2
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([
-        torch.stack([cos, -sin * h / w, tx], dim=1),  # h/w, w/h: rotate in pixels, not in [-1, 1]^2
-        torch.stack([sin * w / h, cos, ty], dim=1),
-    ], dim=1).to(x.dtype)
-    # the sampling grid as two broadcast multiply-adds per batch: F.affine_grid's batched matmul
-    # over every pixel costs ~3x more on CPU and gives the same grid (align_corners=False)
-    xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1
-    ys = (torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1
-    t = theta.view(b, 2, 3, 1, 1)
-    grid = torch.empty(b, h, w, 2, device=x.device, dtype=x.dtype)
-    torch.add(t[:, 0, 0] * xs.view(1, 1, w), t[:, 0, 1] * ys.view(1, h, 1) + t[:, 0, 2], out=grid[..., 0])
-    torch.add(t[:, 1, 0] * xs.view(1, 1, w), t[:, 1, 1] * ys.view(1, h, 1) + t[:, 1, 2], out=grid[..., 1])
-    out = F.grid_sample(x - fill if fill else x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out + fill if fill else out

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from common import distributed
-from common.augment import random_intensity_batch
-from common.cache import ImageCache, random_affine_batch
+from common.augment import random_affine_batch, random_intensity_batch
+from common.cache import ImageCache
 from common.data import combine, default_data_dirs, load_dataset, task_split
 from common.distributed import DistInfo
 from common.metrics import per_label_accuracy, per_label_auroc

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import common.cache as cache_mod
-from common.cache import ImageCache, XrayTensorDataset, cache_root, random_affine_batch
+from common.augment import random_affine_batch
+from common.cache import ImageCache, XrayTensorDataset, cache_root
 from common.data import load_dataset
 from common.images import read_grayscale
 from common.preprocess import resize_gray
