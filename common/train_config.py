@@ -24,9 +24,10 @@ LOSSES = ("bce", "focal")  # masked binary cross-entropy; focal loss (gamma 2) o
 # and the quick profile use these values on real data without pretrained weights
 # (`recipe_defaults`); any field given explicitly wins. The study's defaults (the dataclass below)
 # are for pretrained backbones, where 5 epochs suffice.
-SMALL_DATA_RECIPE: dict[str, Any] = {
+SMALL_DATA_RECIPE: dict[str, Any] = {  # bench/bench_recipe.py's "r18-30ep-combo"
     "model_name": "resnet18", "in_chans": 1, "image_size": 64, "epochs": 30, "batch_size": 32, "lr": 1e-3,
-    "warmup_steps": 50, "patience": 0,
+    "warmup_steps": 50, "patience": 0, "keep_best": False, "ema": 0.998, "intensity": 0.5, "zoom": 0.15,
+    "translate": 0.08,
 }
 # Knobs added after runs were first cached and checkpointed, with the value that computes exactly
 # what runs did before the knob existed: such a knob enters a run's cache key only when set to

@@ -297,3 +297,20 @@ def test_the_init_comparison_runs_every_start_on_the_same_folds(tmp_path, nih_sa
     for c in stage2_from_stage1:
         source = json.loads((Path(c["train"]["init_from"]) / "config.json").read_text())
         assert source["train"]["fold"] == c["train"]["fold"]
+
+
+def test_the_default_recipe_is_the_one_the_search_chose():
+    import importlib.util
+
+    from common.train_config import SMALL_DATA_RECIPE
+
+    spec = importlib.util.spec_from_file_location("bench_recipe", REPO_ROOT / "bench" / "bench_recipe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    chosen = {**bench.BASE, **bench.RECIPES[bench.WINNER][1]}
+    assert {k: chosen[k] for k in SMALL_DATA_RECIPE} == SMALL_DATA_RECIPE
+    # what the recipe leaves out is the study's default, so `medimaging train` computes the winner
+    study = TrainConfig(out="r")
+    for k, v in chosen.items():
+        if k not in SMALL_DATA_RECIPE and k not in ("task", "n_boot", "num_workers", "progress"):
+            assert getattr(study, k) == v, k
