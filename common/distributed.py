@@ -105,3 +105,31 @@ def all_reduce_sum(info: DistInfo, values: list[float], device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def place_model(model: torch.nn.Module, device: torch.device, info: DistInfo, *, channels_last: bool, bf16: bool,
+                state: dict | None = None, sync_batchnorm: bool = False):
+    """A model ready to train on its device: (raw_model, model, amp).
+
+    raw_model is the model itself (what is saved and scored), with `state` (a checkpoint's weights)
+    loaded; `model` is what trains on the batches: raw_model, or its DDP wrapper across processes
+    (with BatchNorm over the global batch when `sync_batchnorm` and on CUDA); `amp` is bf16
+    autocast on CUDA when asked, else a no-op context.
+    """
+    import contextlib
+
+    cuda = device.type == "cuda"
+    if sync_batchnorm and info.enabled and cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model
+    if state is not None:
+        raw_model.load_state_dict(state)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel  # only multi-process runs need it
+
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if cuda else None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and bf16 else contextlib.nullcontext()
+    return raw_model, model, amp

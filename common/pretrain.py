@@ -313,19 +313,9 @@ def _setup_loop(cfg: PretrainConfig, info: DistInfo, device: torch.device, out: 
     the loader, the schedule, the optimiser, the views and the TensorBoard log."""
     cuda = device.type == "cuda"
     channels_last = cuda and cfg.channels_last
-    if info.enabled and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel  # only multi-process runs need it
-
-        model = DistributedDataParallel(raw_model, device_ids=[device.index] if cuda else None)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else contextlib.nullcontext()
+    raw_model, model, amp = distributed.place_model(model, device, info, channels_last=channels_last, bf16=cfg.bf16,
+                                                    state=ckpt["model"] if ckpt is not None else None,
+                                                    sync_batchnorm=True)  # BatchNorm over the global batch
 
     dataset = XrayTensorDataset(images, np.zeros((len(images), 0), np.float32), indices=rows)
     sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)

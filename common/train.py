@@ -312,17 +312,8 @@ def _setup_loop(cfg: TrainConfig, info: DistInfo, device: torch.device, out: Pat
     """The model on its device (checkpoint weights loaded, DDP), the loaders, the schedule, the optimiser."""
     cuda = device.type == "cuda"
     channels_last = cuda and cfg.channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel  # only multi-process runs need it
-
-        model = DistributedDataParallel(raw_model, device_ids=[device.index] if cuda else None)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else contextlib.nullcontext())
+    raw_model, model, amp = distributed.place_model(model, device, info, channels_last=channels_last, bf16=cfg.bf16,
+                                                    state=ckpt["model"] if ckpt is not None else None)
 
     dataset = XrayTensorDataset(data.images, data.y)
     train_rows = data.split_index["train"]
