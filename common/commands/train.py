@@ -156,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
     from common.train import fit
 
     cfg = config_from_args(args).validate()
+    from common.train_config import uses_small_data_recipe
+
+    if uses_small_data_recipe(args.recipe, cfg.data, cfg.pretrained) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"small-data recipe (real data, no pretrained weights; --recipe study for the study's settings): "
+              f"{cfg.model_name}, {cfg.in_chans} channel(s), {cfg.image_size} px, {cfg.epochs} epochs, EMA {cfg.ema}")
     with strict_labels(args.strict):  # read where fit loads the label files
         run_dir = fit(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
