@@ -170,7 +170,7 @@ def test_cross_validation_summarises_every_fold_and_the_bench_writes_its_table(t
     cardio = summary["labels"]["Cardiomegaly"]
     assert cardio["folds"] == 3 and cardio["low"] <= cardio["mean"] <= cardio["high"]
     assert 0 <= cardio["pooled"] <= 1
-    assert summary["seconds_per_fold"] > 0
+    assert summary["seconds_per_fold"] >= 0  # two optimiser steps: may round to 0.0 s
     same = paired_difference(cv, cv)
     assert same[0] == 0
     again = cross_validate(cfg, folds=3, name="tiny", runs=tmp_path / "runs")

@@ -92,7 +92,8 @@ class CrossValidation:
 
     def seconds(self) -> list[float]:
         """Each fold run's training wall-clock, seconds (metrics.json["run"]["train_seconds"])."""
-        return [float(ref.metrics()["run"].get("train_seconds") or float("nan")) for ref in self.runs]
+        found = [ref.metrics()["run"].get("train_seconds") for ref in self.runs]
+        return [float("nan") if s is None else float(s) for s in found]  # runs from before it was recorded: NaN
 
     def summary(self, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
         """{"labels": {label: {"mean", "low", "high", "folds", "pooled", "pooled_low", "pooled_high"}},
