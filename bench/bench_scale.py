@@ -67,9 +67,7 @@ def default_root() -> Path:
 
 
 def cores() -> int:
-    from common.cache import default_workers  # the suite's own count of usable cores
-
-    return default_workers()
+    return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------ datasets
