@@ -66,7 +66,7 @@ from common.images import IMAGE_EXTENSIONS
 from common.io import atomic_write_png
 from common.models import build_model, model_input_config
 from common.optim import WarmupCosine, param_groups
-from common.pretrain_config import OPTIMIZERS, PretrainConfig
+from common.pretrain_config import OPTIMIZERS, PRETRAIN_JSON, PretrainConfig
 from common.simsiam import SimSiam, TwoViews, backbone_state, simsiam_loss, spread
 from common.train_data import ResumableSampler
 from common.train_state import (
@@ -84,7 +84,6 @@ __all__ = ["PretrainConfig", "OPTIMIZERS", "PRETRAIN_JSON", "STEPS_CSV", "LOSS_P
            "SimSiam", "simsiam_loss", "TwoViews", "backbone_state"]
 
 METHOD = "simsiam"
-PRETRAIN_JSON = "pretrain.json"  # the run's summary (this module owns it)
 STEPS_CSV = "steps.csv"  # every step's loss: the curve of a run too short for many epochs
 LOSS_PNG = "loss.png"
 

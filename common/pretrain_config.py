@@ -21,6 +21,8 @@ from common.weights import Weights
 OPTIMIZERS = ("sgd", "adamw")
 
 
+PRETRAIN_JSON = "pretrain.json"  # a pretraining run's summary, written last (its run is finished when it exists)
+
 @dataclass
 class PretrainConfig:
     """The whole configuration of one pretraining run (saved as config.json["pretrain"] and in last.pt)."""

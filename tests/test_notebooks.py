@@ -25,7 +25,7 @@ REPO = REPO_ROOT
 REPRODUCE_PARAMETERS = ("Profile", "Smoke", "DataFull", "DataCardiomegaly", "OutDir", "RunsDir")
 REQUIRED_PARAMETERS = ("OutDir",)  # every notebook writes where reproduce says; the rest where relevant
 TRAINER_NOTEBOOKS = {"single_task", "multi_task", "transformer"}
-EXPERIMENT_NOTEBOOKS = ("data_exploration", "single_task", "multi_task", "transformer", "backbone_ablation",
+EXPERIMENT_NOTEBOOKS = ("data_exploration", "single_task", "multi_task", "init_comparison", "transformer", "backbone_ablation",
                         "freeze_ablation", "localisation", "results")
 # Text that means a notebook grew its own training loop, dataset, metric or path hack.
 FORBIDDEN = (".backward(", "optimizer.step", "optim.", "roc_auc_score", "sklearn", "DataLoader", "Dataset(",

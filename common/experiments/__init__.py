@@ -22,6 +22,8 @@ The package, in the order data flows through it:
     plots         curves, ROC, CheXNet comparison, example predictions
     study         the two stages (single_task, multi_task, transformer), the headline table
     ablations     backbones and freezing
+    paired        runs compared on the same held-out images (paired bootstrap differences)
+    inits         what stage 2 should start from: random, self-supervised, stage 1, both
     exploration   the data's tables and plots
     compression   int8 / pruning / distillation of the study's backbones, in one table
     localisation  the Grad-CAM pointing game on radiologist boxes
@@ -53,6 +55,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "plots": ("plot_curves", "plot_test_roc", "plot_chexnet_comparison", "prediction_grid"),
     "study": ("single_task", "two_stage", "multi_task", "transformer", "headline_table"),
     "ablations": ("backbone_ablation", "plot_backbones", "choose_backbones", "freeze_ablation"),
+    "paired": ("paired_table", "shared_test_images", "seen_patients"),
+    "inits": ("init_comparison", "pretrain_config"),
     "compression": ("CompressionKnobs", "compression_experiment"),
     "exploration": ("label_counts", "dataset_overview", "cooccurrence", "demographics", "plot_label_frequencies",
                     "plot_cooccurrence", "plot_demographics", "image_grid", "data_exploration"),

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from common import runs as runfiles
 from common.experiments.notebooks import STAGE1
+from common.experiments.paired import paired_table
 from common.experiments.plots import figure
 from common.experiments.profiles import BACKBONES, STUDY_MODEL, Knobs
 from common.experiments.records import Experiment
@@ -43,12 +44,12 @@ def backbone_ablation(backbones: Sequence[str] | Sequence[tuple[str, str]] | Non
     """Every backbone of `BACKBONES` (or the named subset / (row, timm name) pairs) trained the
     same way on all 14 labels (stage 2 without stage 1, the profile's initialisation)."""
     s = setup(Knobs.of(knobs, **kw))
-    exp = Experiment("backbone_ablation", "Backbone ablation: all 14 labels, same recipe", s.profile.label, s.data)
+    exp = Experiment("backbone_ablation", "Backbone ablation: all 14 labels, same recipe", s.label, s.data)
     chosen = choose_backbones(backbones)
     # rows whose backbones this profile trains as the same model share one run, and one table row
     groups: dict[Path, list[tuple[str, str]]] = {}
     for row_name, timm_name in chosen:
-        run = stage2_run(s, timm_name, None, row_name)
+        run = stage2_run(s, timm_name, None, row_name, as_named=True)
         exp.runs[row_name] = run
         groups.setdefault(run.run_dir, []).append((row_name, timm_name))
     rows, per_label = [], {}
@@ -141,10 +142,10 @@ def freeze_ablation(model_name: str = STUDY_MODEL, freeze_early: int = 3, knobs:
     from common.models import backbone_groups, build_model  # torch: only when an experiment trains
 
     s = setup(Knobs.of(knobs, **kw))
-    exp = Experiment("freeze_ablation", "Freezing ablation: stage 2 from stage 1", s.profile.label, s.data)
+    exp = Experiment("freeze_ablation", "Freezing ablation: stage 2 from stage 1", s.label, s.data)
     stage1 = stage1_run(s, model_name)
     exp.runs[STAGE1] = stage1
-    n_groups = len(backbone_groups(build_model(s.profile.model_for(model_name), num_labels=len(LABELS), pretrained=None)))
+    n_groups = len(backbone_groups(build_model(s.model_for(model_name), num_labels=len(LABELS), pretrained=None)))
     early = max(1, min(int(freeze_early), n_groups - 1))
     variants = [("nothing frozen", 0), (f"early stages frozen (first {early} of {n_groups} groups)", early),
                 ("all but the head frozen", -1)]
@@ -169,7 +170,12 @@ def freeze_ablation(model_name: str = STUDY_MODEL, freeze_early: int = 3, knobs:
     exp.tables.append(Table(exp.title_for(f"Freezing ablation: {stage1.model_label()}, stage 2 from stage 1, test split"),
                             frame, "Frozen BatchNorm layers keep their stage-1 statistics. Trivial baselines as in "
                                    "every table: 'absent' everywhere for accuracy, chance for AUROC."))
-    exp.headline = {"freeze": {role: exp.runs[role].metrics().get("mean_auroc") for role, _ in variants}}
+    table, effect = paired_table(exp.title_for("Does freezing hurt? The same test images"), (variants[0][0], exp.runs[variants[0][0]]),
+                                 [(role, exp.runs[role]) for role, _ in variants[1:]], s.profile.n_boot,
+                                 note="The study's claim: freezing the initial layers degrades performance considerably.")
+    exp.tables.append(table)
+    exp.headline = {"freeze": {role: exp.runs[role].metrics().get("mean_auroc") for role, _ in variants},
+                    "freeze_effect": effect}
     return exp
 
 

@@ -105,7 +105,7 @@ def compression_experiment(ck: CompressionKnobs | None = None, knobs: Knobs | No
     ck = dataclasses.replace(ck or CompressionKnobs(), **{k: kw.pop(k) for k in list(kw) if k in _OWN_KNOBS})
     s = setup(Knobs.of(knobs, **kw))
     plan = compression_plan(s.profile)
-    exp = Experiment("compression", "Compression: int8, pruning and distillation", s.profile.label, s.data)
+    exp = Experiment("compression", "Compression: int8, pruning and distillation", s.label, s.data)
     backbone_runs = _backbone_runs(s, exp, ck.backbones or plan["backbones"])
     teacher_name = _teacher(backbone_runs, ck.teacher)
     teacher_run = backbone_runs[teacher_name]
@@ -132,7 +132,7 @@ def _backbone_runs(s: Setup, exp: Experiment, backbones: Sequence[str]) -> dict[
         if model in seen:  # smoke maps several names to one tiny model: one row each
             continue
         seen.add(model)
-        run = stage2_run(s, timm_name, None, row_name)
+        run = stage2_run(s, timm_name, None, row_name, as_named=True)
         exp.runs[row_name] = run
         out[f"{row_name} ({model})" if model != timm_name else row_name] = run.run_dir
     return out

@@ -37,6 +37,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("data_exploration", "notebooks/data_exploration.ipynb", "label frequencies, co-occurrence, demographics, images"),
     Notebook("single_task", "single-task/single_task.ipynb", "stage 1: Cardiomegaly vs No Finding"),
     Notebook("multi_task", "multi-task/multi_task.ipynb", "stage 2: 14 labels from stage 1, and without it"),
+    Notebook("init_comparison", "notebooks/init_comparison.ipynb", "stage 2 from random, self-supervised, stage 1, both"),
     Notebook("transformer", "transformer/transformer.ipynb", "the two stages with a ViT"),
     Notebook("backbone_ablation", "notebooks/backbone_ablation.ipynb", "VGG, ResNet, DenseNet, CSPDarkNet, EfficientNet, ViT, ConvNeXt"),
     Notebook("freeze_ablation", "notebooks/freeze_ablation.ipynb", "nothing / early stages / all but the head frozen"),

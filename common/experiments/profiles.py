@@ -85,6 +85,7 @@ class Profile:
     num_workers: int  # DataLoader workers
     models: Mapping[str, str] = field(default_factory=dict)  # named backbone -> what this profile trains
     smoke: bool = False
+    pretrain_epochs: int = 10  # self-supervised pretraining (the init comparison): passes over all images
     # torch CPU threads while this profile trains (None: torch's default). Tiny models gain nothing
     # from a second thread and lose much to OpenMP's spin-waiting on a busy machine.
     threads: int | None = None
@@ -121,12 +122,12 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(
         "paper", "the study's settings: named backbones at 224 px, 5 epochs, batch 16, lr 5e-4",
         image_size=224, epochs=5, max_steps=None, batch_size=16, lr=5e-4, warmup_steps=100, weights=Weights(HUB),
-        patience=3, n_boot=1000, num_workers=4,
+        patience=3, n_boot=1000, num_workers=4, pretrain_epochs=100,
     ),
     "smoke": Profile(
         "smoke", "timm's tiny test models at 32 px, two optimiser steps per training (tests only)",
         image_size=32, epochs=1, max_steps=2, batch_size=8, lr=1e-3, warmup_steps=0, weights=Weights(RANDOM),
-        patience=0, n_boot=20, num_workers=0, smoke=True, threads=1,
+        patience=0, n_boot=20, num_workers=0, smoke=True, threads=1, pretrain_epochs=1,
     ),
 }
 
@@ -179,6 +180,7 @@ KNOBS = {
     "DataCardiomegaly": "data_cardiomegaly", "ImageSize": "image_size", "Epochs": "epochs",
     "BatchSize": "batch_size", "LearningRate": "lr", "Head": "head", "Seed": "seed", "RunsDir": "runs_dir",
     "WithoutStage1": "without_stage1", "FreezeEarly": "freeze_early", "Backbones": "backbones",
+    "PretrainEpochs": "pretrain_epochs",
 }
 
 

@@ -28,6 +28,7 @@ from common.cache import file_lock
 from common.compress.base import COMPRESSION_JSON
 from common.experiments.datasets import dataset_identity, display_path
 from common.experiments.notebooks import COMPRESSED_SEP, is_compressed, runs_dir
+from common.pretrain_config import PRETRAIN_JSON
 from common.serving import EXPORT_DIR, ONNX_META
 from common.train_config import ADDED_KNOBS
 
@@ -82,13 +83,13 @@ def compressed_run_dir(source: Path, method: str, params: Mapping[str, Any], run
 
 
 def is_finished(run_dir: str | Path) -> bool:
-    """Whether a cached run is done: its last file is written. A training ends with metrics.json;
-    a compressed variant (which may fine-tune first, writing metrics.json on the way) with its
+    """Whether a cached run is done: its last file is written. A training ends with metrics.json,
+    a pretraining with pretrain.json, a compressed variant (which may fine-tune first, writing metrics.json on the way) with its
     compression report and its ONNX export."""
     run_dir = Path(run_dir)
     if is_compressed(run_dir):
         return (run_dir / COMPRESSION_JSON).is_file() and (run_dir / EXPORT_DIR / ONNX_META).is_file()
-    return (run_dir / runfiles.METRICS_JSON).is_file()
+    return (run_dir / runfiles.METRICS_JSON).is_file() or (run_dir / PRETRAIN_JSON).is_file()
 
 
 def _slug(text: str) -> str:
@@ -175,3 +176,20 @@ def cached_fit(config, role: str, requested_model: str, runs: str | Path | None 
     reused = reuse_or_make(run_dir, train, role)
     return RunRef(role, run_dir, requested_model, config.model_name, reused)
 
+
+
+def cached_pretrain(config, role: str, runs: str | Path | None = None) -> Path:
+    """Pretrain `config` (a `common.pretrain_config.PretrainConfig`) into RUNS/pretrain-<model>-<key>,
+    or reuse that run when it already finished; its folder is an `init_from` source like a run's."""
+    from common.pretrain import pretrain  # torch: only when something is pretrained
+
+    d = {k: v for k, v in config.asdict().items() if k not in _HOW_TO_RUN}
+    d["data"] = [dataset_identity(p) for p in config.data]
+    run_dir = runs_dir(runs) / f"pretrain-{_slug(config.model_name)}-{cache_key(d)}"
+
+    def make(out: Path) -> None:
+        print(f"{role}: pretraining {config.model_name} into {display_path(out)}", file=sys.stderr)
+        pretrain(dataclasses.replace(config, out=str(out)))
+
+    reuse_or_make(run_dir, make, role)
+    return run_dir

@@ -5,6 +5,7 @@ which go through the run cache (`common.experiments.runcache.cached_fit`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 from common.cache import default_workers
 from common.experiments.datasets import DataSpec, resolve_data
 from common.experiments.notebooks import STAGE1, runs_dir
-from common.experiments.profiles import Knobs, Profile, get_profile
+from common.experiments.profiles import STUDY_MODEL, Knobs, Profile, get_profile
 from common.experiments.runcache import RunRef, cached_fit
 from common.train_config import TrainConfig, recipe_defaults
 
@@ -24,25 +25,50 @@ def _workers(wanted: int) -> int:
     return min(int(wanted), default_workers())
 
 
+# The study's own backbone, by the names the notebooks and trainer files use for it.
+STUDY_NAMES = (STUDY_MODEL, "tf_efficientnet_b4_ns")
+
+
+def small_data_recipe(profile: Profile, data: DataSpec) -> dict:
+    """The small-data recipe's TrainConfig fields when this profile trains on this data with it
+    (not the smoke profile; random weights; real data: `common.train_config.uses_small_data_recipe`),
+    else {}."""
+    if profile.smoke or not profile.weights.is_random:
+        return {}
+    return recipe_defaults("auto", data.dirs(), False)
+
+
+def trained_model(profile: Profile, model_name: str, recipe: dict, as_named: bool = False) -> str:
+    """The timm model a training of `model_name` trains: the profile's variant of it, except that
+    the study's own backbone follows the small-data recipe's model when the recipe applies (the
+    quick profile's EfficientNet-B0 does not learn from ~1,000 radiographs from random weights:
+    bench/results/recipe_search.md, `b0-30ep-combo` against `r18-30ep-combo`). `as_named`: the
+    profile's variant always (the backbone ablation's EfficientNet rows)."""
+    if recipe.get("model_name") and not as_named and model_name in STUDY_NAMES:
+        return recipe["model_name"]
+    return profile.model_for(model_name)
+
+
 def train_config(profile: Profile, model_name: str, task: str, data: DataSpec, *, init_from: str | Path | None = None,
                  freeze: int = 0, image_size: int | None = None, epochs: int | None = None,
-                 batch_size: int | None = None, lr: float | None = None, head: str = "mlp", seed: int = 49):
+                 batch_size: int | None = None, lr: float | None = None, head: str = "mlp", seed: int = 49,
+                 as_named: bool = False):
     """The TrainConfig of one training of the suite (everything but `out`).
 
-    The quick profile on real data trains from random weights, so it follows the small-data recipe
+    A profile trains from random weights on real data with the small-data recipe
     (`common.train_config.SMALL_DATA_RECIPE`, measured by bench/bench_recipe.py) for everything but
-    the backbone, which stays the experiment's; knobs given explicitly still win."""
-    pretrained = profile.pretrained_for(profile.model_for(model_name)) if init_from is None else False
+    the backbone, which stays the experiment's (`trained_model`: the study's own backbone becomes the
+    recipe's); knobs given explicitly still win."""
+    recipe = small_data_recipe(profile, data)
+    model = trained_model(profile, model_name, recipe, as_named)
+    pretrained = profile.pretrained_for(model) if init_from is None else False
     settings = dict(image_size=profile.image_size, epochs=profile.epochs, batch_size=profile.batch_size,
                     lr=profile.lr, warmup_steps=profile.warmup_steps, patience=profile.patience)
-    if not profile.smoke and profile.weights.is_random:
-        recipe = recipe_defaults("auto", data.dirs(), False)
-        recipe.pop("model_name", None)
-        settings.update(recipe)
+    settings.update({k: v for k, v in recipe.items() if k != "model_name"})
     knobs = dict(image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr)
     settings.update({k: v for k, v in knobs.items() if v})
     return TrainConfig(
-        data=data.dirs(), task=task, model_name=profile.model_for(model_name), head=head,
+        data=data.dirs(), task=task, model_name=model, head=head,
         # a run that starts from another run's backbone needs no hub download first
         pretrained=pretrained, init_from=str(init_from) if init_from is not None else None, freeze=int(freeze),
         max_steps=profile.max_steps, n_boot=profile.n_boot, seed=int(seed),
@@ -64,6 +90,25 @@ class Setup:
         """train_config's keyword arguments that come from the knobs."""
         k = self.knobs
         return dict(image_size=k.image_size, epochs=k.epochs, batch_size=k.batch_size, lr=k.lr, head=k.head, seed=k.seed)
+
+    @functools.cached_property
+    def recipe(self) -> dict:
+        """The small-data recipe's fields when this experiment trains with it, else {}."""
+        return small_data_recipe(self.profile, self.data)
+
+    def model_for(self, model_name: str, as_named: bool = False) -> str:
+        """The timm model this experiment trains for `model_name` (`trained_model`)."""
+        return trained_model(self.profile, model_name, self.recipe, as_named)
+
+    @property
+    def label(self) -> str:
+        """How the tables name the settings: the profile, and the small-data recipe when it applies."""
+        r = self.recipe
+        if not r:
+            return self.profile.label
+        return (f"{self.profile.label}; on this real data the small-data recipe (bench/bench_recipe.py): "
+                f"{r['image_size']} px, {r['in_chans']} channel, {r['epochs']} epochs, EMA {r['ema']}, last epoch "
+                f"kept, the study's backbone trained as {r['model_name']}")
 
 
 def passive_openmp() -> None:
@@ -93,14 +138,18 @@ def use_profile_threads(prof: Profile) -> None:
         torch.set_num_threads(prof.threads)
 
 
-def stage1_run(s: Setup, model_name: str) -> RunRef:
-    """Stage 1 of `model_name`: Cardiomegaly vs No Finding, trained or reused from the run cache."""
-    cfg = train_config(s.profile, model_name, "cardiomegaly", s.data, **s.kw)
-    return cached_fit(cfg, STAGE1, model_name, s.runs)
+def stage1_run(s: Setup, model_name: str, init: Path | None = None, role: str = STAGE1) -> RunRef:
+    """Stage 1 of `model_name`: Cardiomegaly vs No Finding, trained or reused from the run cache
+    (`init`: start from this run's backbone, e.g. a `medimaging pretrain` run)."""
+    cfg = train_config(s.profile, model_name, "cardiomegaly", s.data, init_from=init, **s.kw)
+    return cached_fit(cfg, role, model_name, s.runs)
 
 
-def stage2_run(s: Setup, model_name: str, init: RunRef | None, role: str, freeze: int = 0) -> RunRef:
-    """Stage 2 of `model_name` (14 labels), from the stage-1 run `init` or from scratch."""
-    cfg = train_config(s.profile, model_name, "all14", s.data, init_from=init.run_dir if init else None,
-                       freeze=freeze, **s.kw)
+def stage2_run(s: Setup, model_name: str, init: RunRef | Path | None, role: str, freeze: int = 0,
+               as_named: bool = False) -> RunRef:
+    """Stage 2 of `model_name` (14 labels), from the run `init` (a stage-1 RunRef or a run folder)
+    or from the profile's initialisation; `as_named`: see `trained_model`."""
+    init_dir = init.run_dir if isinstance(init, RunRef) else init
+    cfg = train_config(s.profile, model_name, "all14", s.data, init_from=init_dir, freeze=freeze, as_named=as_named,
+                       **s.kw)
     return cached_fit(cfg, role, model_name, s.runs)

@@ -15,6 +15,7 @@ import pandas as pd
 from common.experiments.datasets import title
 from common.experiments.heldout import held_out
 from common.experiments.notebooks import STAGE1, STAGE2, WITHOUT_STAGE1
+from common.experiments.paired import paired_table
 from common.experiments.profiles import STUDY, STUDY_MODEL, STUDY_VIT, Knobs
 from common.experiments.records import Experiment
 from common.experiments.runcache import RunRef
@@ -58,7 +59,7 @@ def single_task(model_name: str = STUDY_MODEL, knobs: Knobs | None = None, **kw)
     are Cardiomegaly or No Finding. Reports test accuracy (the study's 83.95) and AUROC.
     `knobs` / keywords: the shared knobs (`Knobs`)."""
     s = setup(Knobs.of(knobs, **kw))
-    exp = Experiment("single_task", "Stage 1 (single-task): Cardiomegaly vs No Finding", s.profile.label, s.data)
+    exp = Experiment("single_task", "Stage 1 (single-task): Cardiomegaly vs No Finding", s.label, s.data)
     run = stage1_run(s, model_name)
     exp.runs[STAGE1] = run
     exp.tables.append(_stage1_table(exp, run, "Stage 1"))
@@ -155,7 +156,7 @@ def two_stage(name: str, model_name: str, knobs: Knobs | None = None, without_st
     """Stage 1, then stage 2 initialised from it (14-label head, both datasets, masked labels);
     optionally stage 2 without stage 1; Cardiomegaly before / after stage 2."""
     s = setup(Knobs.of(knobs, **kw))
-    exp = Experiment(name, experiment_title, s.profile.label, s.data)
+    exp = Experiment(name, experiment_title, s.label, s.data)
     stage1 = stage1_run(s, model_name)
     stage2 = stage2_run(s, model_name, stage1, STAGE2)
     exp.runs.update({STAGE1: stage1, STAGE2: stage2})
@@ -168,6 +169,13 @@ def two_stage(name: str, model_name: str, knobs: Knobs | None = None, without_st
         compare["AUROC without stage 1"] = scratch.metrics()
     exp.tables.append(_stage1_table(exp, stage1, "Stage 1"))
     exp.tables.append(_summary_table(exp, listed))
+    paired = {}
+    if without_stage1:
+        table, paired = paired_table(
+            exp.title_for("Does stage 1 help stage 2? The same test images"), ("without stage 1", exp.runs[WITHOUT_STAGE1]),
+            [("from stage 1", stage2)], s.profile.n_boot,
+            note="The study's claim: stage 2 started from stage 1 beats stage 2 from the same initialisation without it.")
+        exp.tables.append(table)
     m2 = stage2.metrics()
     exp.tables.append(per_label_table(m2, exp.title_for(f"Stage 2 per label, test split ({stage2.model_label()})"),
                                       compare=compare))
@@ -183,7 +191,8 @@ def two_stage(name: str, model_name: str, knobs: Knobs | None = None, without_st
     if without_stage1:
         ms = exp.runs[WITHOUT_STAGE1].metrics()
         exp.headline.update({"without_stage1_dev_mean_accuracy": (ms.get("dev") or {}).get("mean_accuracy"),
-                             "without_stage1_mean_auroc": ms.get("mean_auroc")})
+                             "without_stage1_mean_auroc": ms.get("mean_auroc"),
+                             "stage1_effect": paired.get("from stage 1")})
     return exp
 
 
