@@ -67,7 +67,9 @@ def default_root() -> Path:
 
 
 def cores() -> int:
-    return max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from common.cache import default_workers  # the suite's own count of usable cores
+
+    return default_workers()
 
 
 # ------------------------------------------------------------------------------------ datasets

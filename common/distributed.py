@@ -18,6 +18,7 @@ Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op f
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -116,8 +117,6 @@ def place_model(model: torch.nn.Module, device: torch.device, info: DistInfo, *,
     (with BatchNorm over the global batch when `sync_batchnorm` and on CUDA); `amp` is bf16
     autocast on CUDA when asked, else a no-op context.
     """
-    import contextlib
-
     cuda = device.type == "cuda"
     if sync_batchnorm and info.enabled and cuda:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -227,6 +227,8 @@ def _png_intact(data: bytes) -> bool:
         stop = pos + 8 + length
         if stop + 4 > end or zlib.crc32(view[pos + 4:stop]) != int.from_bytes(view[stop:stop + 4], "big"):
             return False
+        if view[pos + 4:pos + 8] == b"eXIf":  # an orientation to apply: Pillow's path does that
+            return False
         if view[pos + 4:pos + 8] == b"IEND":
             return True
         pos = stop + 4
@@ -237,7 +239,7 @@ def _read_gray_png(data: bytes, max_pixels: int) -> np.ndarray | None:
     """An 8-bit grayscale PNG (NIH's kind) decoded by OpenCV when it is installed, else None.
 
     OpenCV's libpng decodes such a file ~15-20% faster than Pillow, to the same pixels (a lossless
-    format, nothing to interpret: no palette, alpha, 16-bit or EXIF). Only that case, read from the
+    format, nothing to interpret: no palette, alpha or 16-bit; a file with an EXIF chunk goes to Pillow). Only that case, read from the
     IHDR chunk; anything else, or anything OpenCV does not decode to exactly the declared shape
     (truncated, corrupt, a transparency key), returns None and Pillow decides, with its reasons.
     Installing OpenCV is optional (opencv-python-headless); without it every file takes Pillow.

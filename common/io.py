@@ -105,9 +105,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_png(path: str | Path, fig, dpi: int = 120) -> None:
     """A matplotlib Figure as a PNG, written atomically (a half-written plot never replaces a good one)."""
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
 

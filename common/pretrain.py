@@ -296,7 +296,7 @@ def _build_model(cfg: PretrainConfig, log: RunLog, resumed: bool) -> tuple[SimSi
     start = None if cfg.weights.is_random or resumed else cfg.weights  # None: weights load next, or random
     base = build_model(cfg.model_name, num_labels=1, head="linear", in_chans=cfg.in_chans,
                        image_size=cfg.image_size, pretrained=start)
-    input_cfg = model_input_config(base, image_size=cfg.image_size)
+    input_cfg = model_input_config(base, image_size=cfg.image_size, weights=cfg.weights)  # a resumed model has no weights
     model = SimSiam(base.backbone, base.num_features, cfg.proj_dim, cfg.pred_dim)
     n_backbone = sum(p.numel() for p in base.backbone.parameters())
     log(f"model {cfg.model_name}: backbone {n_backbone / 1e6:.2f}M parameters, {base.num_features} features; "
@@ -403,7 +403,7 @@ def _train_epoch(loop: _Loop, state: _State, max_steps: float) -> bool:
         pending.append((state.step, loss, z_std, loop.optimizer.param_groups[0]["lr"]))
         state.partial.images += len(x)
         bar.update(1)
-        if state.batch_in_epoch % 10 == 0 or state.batch_in_epoch == loop.n_steps:
+        if loop.show and (state.batch_in_epoch % 10 == 0 or state.batch_in_epoch == loop.n_steps):
             bar.set_postfix(loss=f"{loss.item():.4f}")
         hit_max = state.step >= max_steps
         if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch_in_epoch < loop.n_steps

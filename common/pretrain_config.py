@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.train_config import fields_from_dict
 from common.weights import Weights
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -73,17 +74,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         """Build from a plain dict (e.g. config.json["pretrain"]); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"PretrainConfig: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        d = dict(d)
-        if "data" in d:
-            d["data"] = [str(p) for p in (d["data"] or [])]
-        for name in ("crop_scale", "blur_sigma"):
-            if name in d:
-                d[name] = tuple(float(v) for v in d[name])
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d, tuples=("crop_scale", "blur_sigma")))
 
     def asdict(self) -> dict[str, Any]:
         """A JSON-able dict; `PretrainConfig.from_dict(c.asdict()) == c`. Pairs are lists, as JSON reads them back."""

@@ -132,8 +132,8 @@ class FitHooks:
     # before it moves to the device and before a resumed checkpoint loads into it: load weights,
     # register gradient hooks. A returned dict becomes config.json["init"] on a fresh start.
     on_model: Callable[[torch.nn.Module, Callable[[str], None]], dict | None] | None = None
-    # (masked_bce_loss, logits, targets, inputs) -> the loss to minimise, per training micro-batch
-    # (inputs: the normalised, augmented batch the model saw). Dev/test scoring is unchanged.
+    # (training_loss, logits, targets, inputs) -> the loss to minimise, per training micro-batch
+    # (inputs / targets: the normalised, augmented, mixed-up when `mixup` is on, batch the model saw). Dev/test scoring is unchanged.
     loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
@@ -197,7 +197,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, device: torch.device, hooks: FitHooks
     data = _load_data(cfg, out, log, info, show,
                       write_split_csv=ckpt is None or not (out / runs.SPLIT_CSV).is_file())
     model, init_info, frozen = _build_model(cfg, data.labels, ckpt, hooks, log)
-    input_cfg = _input_config(model, cfg)
+    # a resumed run keeps the input its first start recorded (its init_from source may have changed since)
+    input_cfg = runs.read_config(out)["input"] if ckpt is not None and (out / runs.CONFIG).is_file() \
+        else _input_config(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model {cfg.model_name} ({cfg.head} head, {len(data.labels)} output{'s' if len(data.labels) > 1 else ''}): "

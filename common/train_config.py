@@ -63,6 +63,23 @@ def recipe_defaults(recipe: str, data: list[str], pretrained: Any = False) -> di
     return dict(SMALL_DATA_RECIPE) if uses_small_data_recipe(recipe, data, pretrained) else {}
 
 
+def fields_from_dict(cls, d: dict[str, Any], tuples: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass's keyword arguments from a plain dict (config.json): an unknown key is an
+    error naming the known ones, `data` becomes a list of strings and each `tuples` field a tuple
+    of floats (JSON reads tuples back as lists). `TrainConfig.from_dict`, `PretrainConfig.from_dict`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    d = dict(d)
+    if "data" in d:
+        d["data"] = [str(p) for p in (d["data"] or [])]
+    for name in tuples:
+        if name in d:
+            d[name] = tuple(float(v) for v in d[name])
+    return d
+
+
 @dataclass
 class TrainConfig:
     """The whole configuration of one training run (saved as config.json["train"] and in last.pt)."""
@@ -140,16 +157,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Build from a plain dict (e.g. config.json["train"]); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        d = dict(d)
-        if "data" in d:
-            d["data"] = [str(p) for p in (d["data"] or [])]
-        if "split_fractions" in d:
-            d["split_fractions"] = tuple(float(f) for f in d["split_fractions"])
-        return cls(**d)
+        return cls(**fields_from_dict(cls, d, tuples=("split_fractions",)))
 
     def asdict(self) -> dict[str, Any]:
         """A JSON-able dict; `TrainConfig.from_dict(c.asdict()) == c`."""

@@ -15,7 +15,7 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ from tqdm.auto import tqdm
 
 from common import distributed, runs
 from common.distributed import DistInfo
-from common.pretrain_config import PretrainConfig
 from common.train_config import ADDED_KNOBS, TrainConfig
+
+if TYPE_CHECKING:  # a type hint only
+    from common.pretrain_config import PretrainConfig
 
 __all__ = ["LoopState", "RunLog", "write_metrics_csv", "TensorBoardLog", "micro_seed",
            "rng_state", "set_rng_state", "save_checkpoint", "check_same_run", "RESUMABLE_CHANGES"]

@@ -93,13 +93,13 @@ def weights_file(weights: Weights) -> Path:
     the URL and the place to put the file."""
     if weights.kind != XRV:
         raise ValueError(f"{weights}: not torchxrayvision weights")
-    url = weights_url(weights.source)
-    if weights.file:
+    if weights.file:  # a file downloaded by hand: torchxrayvision is needed only to say where it comes from
         path = Path(weights.file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained='xrv:{weights.source}@{weights.file}': no such file "
-                                    f"(torchxrayvision publishes it at {url})")
+                                    f"(torchxrayvision publishes it at {weights_url(weights.source)})")
         return path
+    url = weights_url(weights.source)
     target = cache_dir() / Path(urlparse(url).path).name
     if target.is_file():
         return target

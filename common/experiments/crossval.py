@@ -19,6 +19,7 @@ Two summaries, because they answer different questions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,17 @@ class CrossValidation:
     runs: list[RunRef]  # fold k's run at index k (only the folds that were run)
     folds: int
 
-    @property
+    @functools.cached_property
     def labels(self) -> list[str]:
         return list(runfiles.read_config(self.runs[0].run_dir)["labels"])
 
     def out_of_fold(self) -> pd.DataFrame:
         """Every test image of every fold run: image, fold, the true labels (`y_<label>`, 1 / 0 / NaN)
-        and the predicted probabilities (`<label>`)."""
+        and the predicted probabilities (`<label>`). Read once; a copy per call."""
+        return self._out_of_fold.copy()
+
+    @functools.cached_property
+    def _out_of_fold(self) -> pd.DataFrame:
         parts = []
         for k, ref in enumerate(self.runs):
             pred = pd.read_csv(ref.run_dir / runfiles.TEST_PREDICTIONS)
@@ -110,7 +115,7 @@ class CrossValidation:
             lo_hi = ci.get(name) or (None, None)
             labels[name] = {"mean": mean, "low": low, "high": high, "folds": int(per_fold[name].notna().sum()),
                             "pooled": pooled.get(name), "pooled_low": lo_hi[0], "pooled_high": lo_hi[1]}
-        mean, low, high = t_interval(self.fold_mean_auroc())
+        mean, low, high = t_interval(per_fold[self.labels].mean(axis=1, skipna=True))  # fold_mean_auroc
         secs = [s for s in self.seconds() if not math.isnan(s)]
         return {"name": self.name, "folds": len(self.runs), "of_folds": self.folds, "labels": labels,
                 "mean_auroc": {"mean": mean, "low": low, "high": high},
