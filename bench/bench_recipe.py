@@ -42,6 +42,7 @@ BASE = dict(task="all14", model_name="efficientnet_b0", in_chans=3, image_size=6
 
 # name -> (what changes, TrainConfig fields over BASE). Later recipes build on the best earlier one.
 _R18 = dict(model_name="resnet18", in_chans=1, epochs=30, warmup_steps=50)
+_COMBO = dict(ema=0.998, keep_best=False, intensity=0.5, zoom=0.15, translate=0.08)
 RECIPES: dict[str, tuple[str, dict]] = {
     "base": ("the quick profile before this search: efficientnet_b0, 3 ch, 64 px, 4 epochs", {}),
     "r18-30ep": ("resnet18, 1 channel, 30 epochs", _R18),
@@ -65,6 +66,10 @@ RECIPES: dict[str, tuple[str, dict]] = {
     "r18-30ep-combo-mixup": ("resnet18 + the combination + mixup 0.3",
                              {**_R18, "ema": 0.998, "keep_best": False, "intensity": 0.5, "zoom": 0.15,
                               "translate": 0.08, "mixup": 0.3}),
+    "r18-30ep-combo-posw": ("resnet18 + the combination + positive weighting",
+                            {**_R18, **_COMBO, "pos_weight": True}),
+    "r18-96px-combo": ("resnet18 + the combination at 96 px", {**_R18, **_COMBO, "image_size": 96}),
+    "r18-60ep-combo": ("resnet18 + the combination, 60 epochs", {**_R18, **_COMBO, "epochs": 60}),
     "b0-30ep-combo": ("efficientnet_b0 (the quick profile's study backbone) + the combination",
                       {**_R18, "model_name": "efficientnet_b0", "ema": 0.998, "keep_best": False, "intensity": 0.5,
                        "zoom": 0.15, "translate": 0.08}),

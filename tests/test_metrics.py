@@ -23,6 +23,7 @@ from common.metrics import (
     bootstrap_auroc_ci,
     evaluate_predictions,
     format_table,
+    paired_auroc_difference,
     per_label_accuracy,
     per_label_auprc,
     per_label_auroc,
@@ -229,3 +230,26 @@ def test_plot_roc(data):
 def test_metrics_does_not_import_torch():
     code = "import sys, common.metrics; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_paired_difference_resamples_both_models_alike_and_is_narrower_than_either_interval():
+    rng = np.random.default_rng(5)
+    n = 400
+    y = (rng.random((n, 3)) < 0.3).astype(float)
+    y[300:, 1:] = np.nan  # a Cardiomegaly-only share: labels unknown for the rest
+    noise = rng.random((n, 3))
+    a = np.clip(0.25 * np.nan_to_num(y) + 0.75 * noise, 0, 1)
+    b = np.clip(0.29 * np.nan_to_num(y) + 0.75 * noise, 0, 1)  # the same images' noise: b is a better a
+    names = ["A", "B", "C"]
+    d = paired_auroc_difference(y, b, a, names, n_boot=500, seed=0)
+    point = {k: per_label_auroc(y, b, names)[k] - per_label_auroc(y, a, names)[k] for k in names}
+    assert d["labels"]["B"]["mean"] == pytest.approx(point["B"])
+    assert d["mean"] == pytest.approx(np.mean(list(point.values())))
+    lo, hi = d["ci"]
+    assert 0 < lo < d["mean"] < hi  # b is better on every resample's mean
+    own_a, own_b = bootstrap_auroc_ci(y, a, names, n_boot=500)[1], bootstrap_auroc_ci(y, b, names, n_boot=500)[1]
+    assert own_b[0] < own_a[1]  # the two own intervals overlap...
+    assert hi - lo < min(own_a[1] - own_a[0], own_b[1] - own_b[0]) / 2  # ...the paired one is far narrower
+    same = paired_auroc_difference(y, a, a, names, n_boot=200)
+    assert same["mean"] == 0 and same["ci"] == [0.0, 0.0]
+    assert paired_auroc_difference(y, b, a, names, n_boot=0)["ci"] is None

@@ -261,6 +261,27 @@ def test_the_quick_profile_follows_the_recipe_on_real_data_only(nih_sample, card
     assert smoke.max_steps == 2 and smoke.epochs == 1
 
 
+def test_the_studys_backbone_trains_as_the_recipes_model_on_real_data_and_the_ablation_keeps_efficientnet(
+        tmp_path, nih_sample, cardiomegaly_64):
+    from common.experiments import STUDY_MODEL, Knobs
+    from common.experiments.datasets import resolve_data
+    from common.experiments.profiles import get_profile
+    from common.experiments.stages import setup, train_config
+    from common.synthetic import ensure_default
+    from common.train_config import SMALL_DATA_RECIPE
+
+    quick, real = get_profile("quick"), resolve_data(nih_sample, cardiomegaly_64)
+    assert train_config(quick, STUDY_MODEL, "all14", real).model_name == SMALL_DATA_RECIPE["model_name"]
+    assert train_config(quick, STUDY_MODEL, "all14", real, as_named=True).model_name == quick.model_for(STUDY_MODEL)
+    assert train_config(quick, "efficientnet_b0", "all14", real).model_name == "efficientnet_b0"  # named: as named
+    nih, cardio = ensure_default()
+    assert train_config(quick, STUDY_MODEL, "all14", resolve_data(nih, cardio)).model_name == quick.model_for(STUDY_MODEL)
+    on_real = setup(Knobs(data_full=nih_sample, data_cardiomegaly=cardiomegaly_64, runs_dir=tmp_path))
+    assert on_real.model_for(STUDY_MODEL) == "resnet18" and "small-data recipe" in on_real.label
+    on_synthetic = setup(Knobs(data_full=nih, data_cardiomegaly=cardio, runs_dir=tmp_path))
+    assert on_synthetic.label == quick.label and on_synthetic.model_for(STUDY_MODEL) == "efficientnet_b0"
+
+
 def test_a_patient_is_in_the_same_fold_for_both_tasks(nih_sample, cardiomegaly_64):
     frame = pd.concat([load_dataset(nih_sample).frame, load_dataset(cardiomegaly_64).frame], ignore_index=True)
     for k in range(3):

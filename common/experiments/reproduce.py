@@ -42,6 +42,7 @@ from common.experiments.notebooks import (DEFAULT_OUT, FIGURES_DIR, NOTEBOOKS, N
 from common.experiments.notebooks import runs_dir as find_runs_dir
 from common.experiments.profiles import BACKBONES, REPRODUCE_PROFILES, WEIGHTS_ENV, check_weights, get_profile
 from common.experiments.records import write_tables_md
+from common.experiments.stages import settings_label, small_data_recipe
 from common.labelfiles import strict_labels
 from common.paths import REPO_ROOT
 from common.weights import LOCAL
@@ -257,7 +258,8 @@ def reproduce(
             # None lets each notebook find the same default cache itself (no machine path in its copy)
             "RunsDir": runs if runs_dir is not None else None,
         }
-        print(f"reproduce: profile {prof.label}, data: {data.describe()}", file=sys.stderr)
+        label = settings_label(prof, small_data_recipe(prof, data))
+        print(f"reproduce: profile {label}, data: {data.describe()}", file=sys.stderr)
         print(f"reproduce: runs cached in {runs}; results in {out}", file=sys.stderr)
         result = ReproduceResult(out)
         with python_kernel() as kernel_name, _environ(WEIGHTS_ENV, weights):

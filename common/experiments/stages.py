@@ -102,13 +102,17 @@ class Setup:
 
     @property
     def label(self) -> str:
-        """How the tables name the settings: the profile, and the small-data recipe when it applies."""
-        r = self.recipe
-        if not r:
-            return self.profile.label
-        return (f"{self.profile.label}; on this real data the small-data recipe (bench/bench_recipe.py): "
-                f"{r['image_size']} px, {r['in_chans']} channel, {r['epochs']} epochs, EMA {r['ema']}, last epoch "
-                f"kept, the study's backbone trained as {r['model_name']}")
+        """How the tables name the settings (`settings_label`)."""
+        return settings_label(self.profile, self.recipe)
+
+
+def settings_label(profile: Profile, recipe: dict) -> str:
+    """The profile's label, and the small-data recipe's settings when they apply."""
+    if not recipe:
+        return profile.label
+    return (f"{profile.label}; on this real data the small-data recipe (bench/bench_recipe.py): {recipe['image_size']} "
+            f"px, {recipe['in_chans']} channel, {recipe['epochs']} epochs, EMA {recipe['ema']}, last epoch kept, the "
+            f"study's backbone trained as {recipe['model_name']}")
 
 
 def passive_openmp() -> None:

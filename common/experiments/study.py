@@ -15,7 +15,7 @@ import pandas as pd
 from common.experiments.datasets import title
 from common.experiments.heldout import held_out
 from common.experiments.notebooks import STAGE1, STAGE2, WITHOUT_STAGE1
-from common.experiments.paired import paired_table
+from common.experiments.paired import paired_table, verdict
 from common.experiments.profiles import STUDY, STUDY_MODEL, STUDY_VIT, Knobs
 from common.experiments.records import Experiment
 from common.experiments.runcache import RunRef
@@ -208,11 +208,21 @@ def transformer(model_name: str = STUDY_VIT, knobs: Knobs | None = None, without
                      experiment_title="The two stages with a vision transformer", **kw)
 
 
+def _effect(d: Mapping | None) -> str:
+    """A paired difference from a record's headline, with its interval and what it says."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    ci = d.get("ci")
+    return f"{d['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]: {verdict(ci)}" if ci else "")
+
+
 def headline_table(records: Mapping[str, Mapping]) -> Table:
     """The study's numbers beside ours, from the saved experiment records."""
     single = records.get("single_task", {}).get("headline", {})
     multi = records.get("multi_task", {}).get("headline", {})
     vit = records.get("transformer", {}).get("headline", {})
+    freeze = (records.get("freeze_ablation", {}).get("headline", {}).get("freeze_effect") or {})
+    early = next((v for k, v in freeze.items() if k.startswith("early")), None)
     synthetic = any(r.get("synthetic") for r in records.values())
     def both(h: Mapping, key: str) -> str:
         return f"{pct(h.get(f'cardiomegaly_before_{key}'))} -> {pct(h.get(f'cardiomegaly_after_{key}'))}" \
@@ -237,6 +247,11 @@ def headline_table(records: Mapping[str, Mapping]) -> Table:
         ("Stage 2: test mean AUROC over 14 labels", f"not reported (CheXNet: {CHEXNET_MEAN_AUROC:.3f})",
          with_ci(multi.get("stage2_mean_auroc"), multi.get("stage2_mean_auroc_ci")),
          with_ci(vit.get("stage2_mean_auroc"), vit.get("stage2_mean_auroc_ci")), "0.500"),
+        ("Does stage 1 help stage 2? Test mean AUROC, from stage 1 minus without (paired, same images)",
+         f"yes: dev mean accuracy +{STUDY['stage2_dev_mean_accuracy'] - STUDY['stage2_without_stage1_dev_mean_accuracy']:.2f}"
+         " points", _effect(multi.get("stage1_effect")), "not run", "0"),
+        ("Does freezing the early layers hurt? Test mean AUROC, early stages frozen minus nothing frozen (paired)",
+         "yes: 'degrades performance considerably' (no numbers)", _effect(early), "not run", "0"),
     ]
     frame = pd.DataFrame(rows, columns=["Quantity", "Original study (reported)",
                                         f"Ours: {multi.get('model') or single.get('model') or 'n/a'}",
