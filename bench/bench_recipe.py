@@ -176,10 +176,11 @@ def compare(args, data: list[str], overrides: dict, command: str) -> int:
     frame = compare_inits(cfg, args.pretrain_run, folds=args.folds, runs=args.runs, only=args.only)
     lines = [f"Recipe {args.compare_inits} ({what}{f'; {overrides}' if overrides else ''}); `{command}`\n\n",
              "| stage 2 starts from | folds | mean AUROC (14) | Cardiomegaly AUROC | mean AUROC vs random init "
-             "| min / fold |\n|---|---|---|---|---|---|\n"]
+             "| pooled, paired vs random init | min / fold |\n|---|---|---|---|---|---|---|\n"]
     for r in frame.to_dict("records"):
         lines.append(f"| {r['start']} | {r['folds']}/{args.folds} | {_ci(r['mean AUROC'])} | {_ci(r['Cardiomegaly AUROC'])} "
                      f"| {_ci(r['vs random init']) if r['vs random init']['mean'] is not None else '—'} "
+                     f"| {_ci(r['pooled vs random init']) if r['pooled vs random init']['mean'] is not None else '—'} "
                      f"| {r['min / fold']} |\n")
     text = "".join(lines)
     print(text)

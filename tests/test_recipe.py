@@ -306,6 +306,9 @@ def test_the_init_comparison_runs_every_start_on_the_same_folds(tmp_path, nih_sa
     assert (table["folds"] == 2).all()
     assert table.loc[0, "vs random init"]["mean"] is None
     assert all(r["mean"] is not None for r in table["vs random init"][1:])
+    assert table.loc[0, "pooled vs random init"]["mean"] is None
+    for r in table["pooled vs random init"][1:]:  # every out-of-fold image once, one paired bootstrap
+        assert r["low"] <= r["mean"] <= r["high"]
     # each stage 2 with a stage 1 started from that fold's stage 1, which started from the SSL backbone
     runs_root = tmp_path / "runs"
     configs = [json.loads(p.read_text()) for p in runs_root.glob("*/config.json")]
