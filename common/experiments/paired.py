@@ -9,7 +9,7 @@ its checkpoint on.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,8 @@ def verdict(ci: Sequence[float] | None, better: str = "better", worse: str = "wo
     return "cannot tell (the interval holds 0)"
 
 
-def _diff(d: dict) -> str:
+def format_difference(d: Mapping) -> str:
+    """"+0.012 [-0.010, +0.034]" for {"mean", "ci"}; "n/a" without a mean."""
     if d.get("mean") is None:
         return "n/a"
     ci = d.get("ci")
@@ -94,8 +95,8 @@ def paired_table(ttl: str, base: tuple[str, RunRef], others: Sequence[tuple[str,
         d = paired_auroc_difference(y, p, probs[0], labels, n_boot=n_boot, seed=0)
         one = d["labels"].get(label, {})
         rows.append({"Compared": f"{name} minus {base_name}", "Same test images": str(len(y)),
-                     "Mean AUROC difference [95% CI]": _diff(d), "Says": verdict(d["ci"]),
-                     f"{label} AUROC difference [95% CI]": _diff(one) if one else "n/a",
+                     "Mean AUROC difference [95% CI]": format_difference(d), "Says": verdict(d["ci"]),
+                     f"{label} AUROC difference [95% CI]": format_difference(one) if one else "n/a",
                      f"{label}: says": verdict(one.get("ci")) if one else "n/a"})
         head[name] = {"mean": d["mean"], "ci": d["ci"], label: one.get("mean"), f"{label}_ci": one.get("ci")}
     text = ("Paired on the same held-out images (those every compared run held out as test, less the patients any "
@@ -105,4 +106,4 @@ def paired_table(ttl: str, base: tuple[str, RunRef], others: Sequence[tuple[str,
     return Table(ttl, pd.DataFrame(rows), f"{text} {note}".strip()), head
 
 
-__all__ = ["paired_table", "seen_patients", "shared_test_images", "verdict"]
+__all__ = ["format_difference", "paired_table", "seen_patients", "shared_test_images", "verdict"]

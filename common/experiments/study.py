@@ -15,7 +15,7 @@ import pandas as pd
 from common.experiments.datasets import title
 from common.experiments.heldout import held_out
 from common.experiments.notebooks import STAGE1, STAGE2, WITHOUT_STAGE1
-from common.experiments.paired import paired_table, verdict
+from common.experiments.paired import format_difference, paired_table, verdict
 from common.experiments.profiles import STUDY, STUDY_MODEL, STUDY_VIT, Knobs
 from common.experiments.records import Experiment
 from common.experiments.runcache import RunRef
@@ -212,8 +212,7 @@ def _effect(d: Mapping | None) -> str:
     """A paired difference from a record's headline, with its interval and what it says."""
     if not d or d.get("mean") is None:
         return "n/a"
-    ci = d.get("ci")
-    return f"{d['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]: {verdict(ci)}" if ci else "")
+    return format_difference(d) + (f": {verdict(d['ci'])}" if d.get("ci") else "")
 
 
 def headline_table(records: Mapping[str, Mapping]) -> Table:
